@@ -1,0 +1,38 @@
+"""fp4lib: FP4 formats, block scaling and FP4 training, as used by the book
+*Pretraining LLMs in FP4*.
+
+The public names::
+
+    from fp4lib import E2M1, BNB_FP4, NF4             # element formats (chapter 1)
+    from fp4lib import quantize, fake_quantize         # block scaling (chapter 2)
+    from fp4lib import QuantizedTensor
+
+Bit 0 is the least significant bit of a code throughout.
+"""
+
+from .formats import BNB_FP4, E2M1, FORMATS, NF4, CodeFields, ElementFormat
+from .hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
+from .packing import pack_nibbles, unpack_nibbles
+from .scaling import SCHEMES, NestedAbsmax, QuantizedTensor, fake_quantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "E2M1",
+    "BNB_FP4",
+    "NF4",
+    "FORMATS",
+    "CodeFields",
+    "ElementFormat",
+    "SCHEMES",
+    "QuantizedTensor",
+    "NestedAbsmax",
+    "quantize",
+    "fake_quantize",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "block_hadamard",
+    "inverse_block_hadamard",
+    "hadamard_matrix",
+    "random_signs",
+]

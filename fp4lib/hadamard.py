@@ -1,0 +1,104 @@
+"""Orthonormal block Hadamard transforms, optionally with random signs.
+
+Used to spread outliers across a block before quantization (chapter 4; the NVFP4
+recipe applies a random 16x16 Hadamard to the Wgrad inputs). For block size ``b``
+the transform of each block ``v`` (a row vector) is ``v @ (diag(s) H_b / sqrt(b))``
+with ``H_b`` the Sylvester Hadamard matrix and ``s`` a vector of +-1 signs; the
+inverse is ``y @ (H_b diag(s) / sqrt(b))``, since the matrix is orthogonal.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+__all__ = ["HADAMARD_SIZES", "hadamard_matrix", "random_signs", "block_hadamard", "inverse_block_hadamard"]
+
+HADAMARD_SIZES = (16, 32, 64, 128)
+
+
+def _check_size(block_size: int) -> None:
+    if block_size not in HADAMARD_SIZES:
+        raise ValueError(f"block_size must be one of {HADAMARD_SIZES}, got {block_size!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(block_size: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix ``H / sqrt(block_size)``.
+
+    Examples
+    --------
+    >>> hadamard_matrix(16).shape
+    torch.Size([16, 16])
+    >>> import torch
+    >>> bool(torch.allclose(hadamard_matrix(16) @ hadamard_matrix(16).T, torch.eye(16), atol=1e-6))
+    True
+    """
+    _check_size(block_size)
+    return (_sylvester(block_size) / block_size**0.5).to(dtype=dtype, device=device)
+
+
+def random_signs(block_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """A float32 vector of ``block_size`` random +-1 signs drawn from ``generator``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> random_signs(16, torch.Generator().manual_seed(0)).abs().sum().item()
+    16.0
+    """
+    _check_size(block_size)
+    bits = torch.randint(0, 2, (block_size,), generator=generator, device=device)
+    return (bits * 2 - 1).to(torch.float32)
+
+
+def _transform_matrix(block_size, signs, dtype, device, inverse):
+    h = hadamard_matrix(block_size, dtype=dtype, device=device)
+    if signs is None:
+        return h
+    if signs.shape != (block_size,):
+        raise ValueError(f"signs must have shape ({block_size},), got {tuple(signs.shape)}")
+    s = signs.to(dtype=dtype, device=device)
+    return h * s.unsqueeze(0) if inverse else s.unsqueeze(1) * h
+
+
+def _apply(x: torch.Tensor, block_size: int, m: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point torch.Tensor")
+    if x.dim() == 0 or x.shape[-1] % block_size:
+        raise ValueError(f"the last axis of x must be a multiple of block_size={block_size}, got shape {tuple(x.shape)}")
+    shape = x.shape
+    y = x.reshape(*shape[:-1], shape[-1] // block_size, block_size) @ m
+    return y.reshape(shape)
+
+
+def block_hadamard(x: torch.Tensor, block_size: int = 16, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Apply the (signed) orthonormal Hadamard transform to each block of the last axis.
+
+    ``x``: floating tensor whose last axis is a multiple of ``block_size`` (16 to
+    128, a power of two). ``signs``: optional (block_size,) +-1 vector from
+    :func:`random_signs`. Returns a tensor of ``x``'s shape and dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> block_hadamard(torch.tensor([4.0] + [0.0] * 15)).unique().tolist()
+    [1.0]
+    """
+    _check_size(block_size)
+    return _apply(x, block_size, _transform_matrix(block_size, signs, x.dtype, x.device, inverse=False))
+
+
+def inverse_block_hadamard(y: torch.Tensor, block_size: int = 16, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Undo :func:`block_hadamard` with the same ``block_size`` and ``signs``."""
+    _check_size(block_size)
+    return _apply(y, block_size, _transform_matrix(block_size, signs, y.dtype, y.device, inverse=True))

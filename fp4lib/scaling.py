@@ -1,0 +1,611 @@
+"""Block scaling: bitsandbytes absmax blocks, MXFP4 and NVFP4.
+
+:func:`quantize` turns a float tensor into a :class:`QuantizedTensor` (packed 4-bit
+codes plus scales); :func:`fake_quantize` returns quantize-then-dequantize in the
+input's dtype and shape. Chapter 2 of the book introduces every scheme:
+
+* ``"bnb_fp4"`` / ``"nf4"`` -- bitsandbytes' absmax blocks: the tensor flattened
+  row-major, blocks of ``block_size`` (default 64) elements, one FP32 absmax per
+  block, elements ``x / absmax`` coded with :data:`~fp4lib.BNB_FP4` (bitsandbytes'
+  "fp4" table, *not* OCP E2M1) or :data:`~fp4lib.NF4`. Bit-exact with
+  ``bitsandbytes.functional.quantize_4bit`` on CPU, optional double quantization
+  (bitsandbytes' ``compress_statistics``). Packed high nibble first.
+* ``"mxfp4"`` -- OCP MX v1.0: E2M1 elements, one E8M0 (power-of-two) scale per 32
+  consecutive elements of the last axis. Packed low nibble first (OCP/PyTorch).
+* ``"nvfp4"`` -- E2M1 elements, one E4M3 scale per 16 consecutive elements of the
+  last axis (or per 16x16 tile of a matrix), plus one FP32 scale per tensor.
+  Packed low nibble first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from .constants import (
+    BNB_BLOCK_SIZES,
+    BNB_DEFAULT_BLOCK_SIZE,
+    BNB_NESTED_BLOCK_SIZE,
+    E2M1_MAX,
+    E4M3_MAX,
+    E8M0_EXP_BIAS,
+    E8M0_MAX_EXP,
+    E8M0_MIN_EXP,
+    FLOAT32_MAX,
+    FP4_BITS,
+    FP32_BITS,
+    MX_BLOCK_SIZE,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_TILE,
+    SCALE8_BITS,
+)
+from .formats import BNB_FP4, E2M1, NF4, ElementFormat
+from .packing import pack_nibbles, unpack_nibbles
+from .rounding import check_rounding
+
+__all__ = [
+    "SCHEMES",
+    "NONFINITE_MODES",
+    "QuantizedTensor",
+    "NestedAbsmax",
+    "quantize",
+    "fake_quantize",
+    "dynamic_map_8bit",
+    "mx_scale_exponents",
+    "nvfp4_tensor_scale",
+]
+
+SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4")
+NONFINITE_MODES = ("raise", "zero")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MX_SCALE_RULES = ("floor", "ceil")
+
+_ELEMENT_FORMAT = {"bnb_fp4": BNB_FP4, "nf4": NF4, "mxfp4": E2M1, "nvfp4": E2M1}
+_NIBBLE_ORDER = {"bnb_fp4": "high_first", "nf4": "high_first", "mxfp4": "low_first", "nvfp4": "low_first"}
+
+
+# ----------------------------------------------------------------------------
+# Containers
+# ----------------------------------------------------------------------------
+@dataclass
+class NestedAbsmax:
+    """bitsandbytes' double quantization of the per-block absmax values.
+
+    ``codes`` (uint8, one per absmax) index ``code`` (the 256-entry signed dynamic
+    map, float32); each group of ``block_size`` (256) codes shares the FP32
+    ``absmax2``; ``offset`` (FP32, 0-d) is the mean absmax that was subtracted.
+    Decoded absmax = ``code[codes] * absmax2[group] + offset``.
+    """
+
+    codes: torch.Tensor
+    absmax2: torch.Tensor
+    code: torch.Tensor
+    offset: torch.Tensor
+    block_size: int = BNB_NESTED_BLOCK_SIZE
+
+    def decode(self) -> torch.Tensor:
+        """The per-block absmax values as float32, shape (n_blocks,)."""
+        n = self.codes.numel()
+        group = torch.arange(n, device=self.codes.device) // self.block_size
+        return self.code[self.codes.long()] * self.absmax2[group] + self.offset
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor stored as packed 4-bit codes plus block scales.
+
+    Attributes
+    ----------
+    packed:
+        uint8, two codes per byte. bitsandbytes schemes: shape ``((n + 1) // 2, 1)``
+        over the row-major flattened tensor, element ``2i`` in the high nibble
+        (bitsandbytes' layout). MXFP4/NVFP4: shape ``(*shape[:-1], shape[-1] // 2)``,
+        element ``2i`` in the low nibble (OCP / ``torch.float4_e2m1fn_x2``).
+    scale:
+        bitsandbytes: FP32 absmax per block, shape ``(n_blocks,)`` (uint8 codes when
+        ``nested`` is set, as in bitsandbytes). MXFP4: ``torch.float8_e8m0fnu``,
+        shape ``(*shape[:-1], shape[-1] // 32)``. NVFP4: ``torch.float8_e4m3fn``
+        block decode scales, shape ``(*shape[:-1], shape[-1] // 16)``, or
+        ``(rows // 16, cols // 16)`` for 16x16 tiles.
+    shape, dtype:
+        Shape and dtype of the original tensor (and of :meth:`dequantize`).
+    scheme, block_size, rounding:
+        How it was made. ``block_size`` is 16 for NVFP4 tiles (16x16).
+    global_scale:
+        NVFP4 only: the FP32 per-tensor decode scale ``s_dec`` (0-d); else ``None``.
+    nested:
+        bitsandbytes double quantization state, or ``None``.
+    tile:
+        NVFP4 only: ``True`` when one scale covers a 16x16 tile.
+    clip_fraction:
+        MXFP4 only: fraction of blocks whose largest magnitude saturated to 6.
+    nonfinite_count:
+        Number of NaN/Inf inputs replaced by 0 (``nonfinite="zero"``).
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    scheme: str
+    block_size: int
+    rounding: str = "nearest"
+    global_scale: Optional[torch.Tensor] = None
+    nested: Optional[NestedAbsmax] = None
+    tile: bool = False
+    clip_fraction: Optional[float] = None
+    nonfinite_count: int = 0
+    _numel: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+        self._numel = math.prod(self.shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return self._numel
+
+    @property
+    def nibble_order(self) -> str:
+        """``"high_first"`` (bitsandbytes) or ``"low_first"`` (OCP / PyTorch)."""
+        return _NIBBLE_ORDER[self.scheme]
+
+    @property
+    def element_format(self) -> ElementFormat:
+        """The 4-bit element format of the codes."""
+        return _ELEMENT_FORMAT[self.scheme]
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes: shape ``(n,)`` for bitsandbytes schemes, else ``shape``."""
+        if self.scheme in ("bnb_fp4", "nf4"):
+            return unpack_nibbles(self.packed.reshape(-1), self.numel, "high_first")
+        return unpack_nibbles(self.packed, self.shape[-1], "low_first")
+
+    def block_scales(self) -> torch.Tensor:
+        """Float32 decode scale of each block (absmax, 2^e, or s_dec_b * s_dec)."""
+        if self.scheme in ("bnb_fp4", "nf4"):
+            return self.nested.decode() if self.nested is not None else self.scale
+        if self.scheme == "mxfp4":
+            return _e8m0_to_float(self.scale)
+        return self.scale.float() * self.global_scale
+
+    def dequantize(self) -> torch.Tensor:
+        """Decode to a tensor of the original shape and dtype.
+
+        Products are taken in float32 and cast at the end, as bitsandbytes does.
+        """
+        fmt = self.element_format
+        vals = fmt.decode(self.codes())
+        if self.scheme in ("bnb_fp4", "nf4"):
+            absmax = self.block_scales()
+            out = _times_block_scale(vals, absmax, self.block_size)
+            return out.to(self.dtype).reshape(self.shape)
+        if self.scheme == "mxfp4":
+            scale = _e8m0_to_float(self.scale)
+            out = _expand_last(vals, scale, MX_BLOCK_SIZE)
+            return out.to(self.dtype)
+        s_dec_b = self.scale.float()
+        if self.tile:
+            out = _expand_tiles(vals, s_dec_b) * self.global_scale
+        else:
+            out = _expand_last(vals, s_dec_b, NVFP4_BLOCK_SIZE) * self.global_scale
+        return out.to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte stored: packed codes, block scales and per-tensor scalars."""
+        n = self.packed.numel() + self.scale.numel() * self.scale.element_size()
+        if self.global_scale is not None:
+            n += 4
+        if self.nested is not None:
+            n += self.nested.absmax2.numel() * 4 + 4  # second-level absmax + offset
+        return n
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage per element in bits: packed codes plus per-block scales.
+
+        One-per-tensor scalars (NVFP4's FP32 tensor scale, the double-quantization
+        offset) are left out, so a large tensor gives the format's nominal figure:
+        4.5 for bitsandbytes at block size 64, 4.25 for MXFP4, 4.5 for NVFP4,
+        4 + 8/64 + 32/(64*256) = 4.127 with double quantization. :attr:`nbytes`
+        counts everything.
+        """
+        bits = self.packed.numel() * 8
+        if self.nested is not None:
+            bits += self.nested.codes.numel() * SCALE8_BITS + self.nested.absmax2.numel() * FP32_BITS
+        else:
+            bits += self.scale.numel() * self.scale.element_size() * 8
+        return bits / self.numel
+
+    def __repr__(self) -> str:
+        extra = ", tile=16x16" if self.tile else ""
+        extra += ", double-quantized absmax" if self.nested is not None else ""
+        return (
+            f"QuantizedTensor(scheme={self.scheme!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"block_size={self.block_size}{extra}, bits_per_element={self.bits_per_element:.4g})"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------
+def _times_block_scale(vals: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """vals (n,) float32 times the scale of each flat block of block_size."""
+    n = vals.numel()
+    full = n - n % block_size
+    blocks = full // block_size
+    out = torch.empty(n, dtype=torch.float32, device=vals.device)
+    out[:full] = (vals[:full].reshape(blocks, block_size) * scale[:blocks].reshape(-1, 1)).reshape(-1)
+    if full < n:
+        out[full:] = vals[full:] * scale[blocks]
+    return out
+
+
+def _expand_last(vals: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    shape = vals.shape
+    v = vals.reshape(*shape[:-1], shape[-1] // block, block)
+    return (v * scale.unsqueeze(-1)).reshape(shape)
+
+
+def _expand_tiles(vals: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r, c = vals.shape
+    t = NVFP4_TILE
+    v = vals.reshape(r // t, t, c // t, t)
+    return (v * scale[:, None, :, None]).reshape(r, c)
+
+
+def _e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    e = scale.view(torch.uint8).to(torch.int32) - E8M0_EXP_BIAS
+    out = torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)
+    return torch.where(scale.view(torch.uint8) == 0xFF, torch.full_like(out, float("nan")), out)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 2**e for integer e in [-149, 127]."""
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e.to(torch.int32))
+
+
+def dynamic_map_8bit() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic ("dynamic tree") quantization map.
+
+    256 sorted float32 values in [-0.99297, 1]: for each of 7 decades
+    ``10^(i-6)``, the midpoints of an even split of [0.1, 1] into ``2^i + 1``
+    points (and their negatives), plus 0 and 1. Used for double quantization.
+
+    Examples
+    --------
+    >>> m = dynamic_map_8bit()
+    >>> m.shape, float(m[0]), float(m[-1])
+    (torch.Size([256]), -0.992968738079071, 1.0)
+    """
+    data = []
+    exponent_bits = 7
+    for i in range(exponent_bits):
+        n_points = 2**i + 1
+        edges = torch.linspace(0.1, 1, n_points, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        decade = 10 ** (-(exponent_bits - 1) + i)
+        data += (decade * means).tolist()  # float32 products
+        data += (-decade * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _nested_quantize(absmax: torch.Tensor) -> NestedAbsmax:
+    """Double quantization of absmax exactly as bitsandbytes' CPU path does it."""
+    code = dynamic_map_8bit().to(absmax.device)
+    offset = absmax.mean()
+    v = absmax - offset
+    n = v.numel()
+    bs = BNB_NESTED_BLOCK_SIZE
+    n_groups = -(-n // bs)
+    pad = n_groups * bs - n
+    vp = torch.nn.functional.pad(v, (0, pad)).reshape(n_groups, bs)
+    absmax2 = vp.abs().amax(dim=1)
+    # The last group's padding must not enter its absmax: it is 0, which never
+    # exceeds a real |v|, so amax over the padded group is the same.
+    normed = (vp / absmax2.unsqueeze(1)).reshape(-1)[:n]
+    # bitsandbytes' search: the largest index with code[idx] <= normed (code[0]
+    # treated as -1), then one step right if that neighbour is strictly closer.
+    search = code.clone()
+    search[0] = -1.0
+    idx = (torch.searchsorted(search, normed, right=True) - 1).clamp(0, 255)
+    right = (idx + 1).clamp(max=255)
+    closer = (idx < 255) & ((normed - search[right]).abs() < (normed - search[idx]).abs())
+    idx = idx + closer.to(idx.dtype)
+    idx = torch.where(torch.isnan(normed), torch.zeros_like(idx), idx)
+    return NestedAbsmax(codes=idx.to(torch.uint8), absmax2=absmax2, code=code, offset=offset)
+
+
+# ----------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------
+def _check_input(x, scheme: str, rounding: str, nonfinite: str) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    check_rounding(rounding)
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    if x.dtype == torch.float64:
+        raise TypeError(
+            "x has dtype torch.float64; quantize takes float32, float16 or bfloat16 "
+            "(the scale arithmetic is defined in float32: pass x.float())"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; quantize takes float32, float16 or bfloat16")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+
+
+def _check_block_size(scheme: str, block_size: Optional[int]) -> int:
+    if scheme in ("bnb_fp4", "nf4"):
+        bs = BNB_DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        if bs not in BNB_BLOCK_SIZES:
+            raise ValueError(f"block_size for {scheme!r} must be one of {BNB_BLOCK_SIZES}, got {block_size!r}")
+        return bs
+    allowed = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+    if block_size not in (None, allowed):
+        raise ValueError(f"block_size for {scheme!r} is fixed at {allowed} by the format, got {block_size!r}")
+    return allowed
+
+
+def _handle_nonfinite(x: torch.Tensor, nonfinite: str) -> Tuple[torch.Tensor, int]:
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return x, 0
+    bad = ~finite
+    count = int(bad.sum())
+    if nonfinite == "raise":
+        flat = int(torch.nonzero(bad.reshape(-1))[0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape)) if x.dim() else ()
+        value = float(x.reshape(-1)[flat])
+        raise ValueError(
+            f"x contains {count} non-finite value(s) (NaN or +-Inf); the first is {value} at index {index}. "
+            "FP4 formats have no NaN or Inf, and bitsandbytes would silently turn the whole block to NaN. "
+            "Pass nonfinite='zero' to quantize them as 0."
+        )
+    return torch.where(finite, x, torch.zeros_like(x)), count
+
+
+# ----------------------------------------------------------------------------
+# Scheme kernels: float32 input -> (codes, scales, extras)
+# ----------------------------------------------------------------------------
+def _bnb_codes(x32: torch.Tensor, fmt: ElementFormat, block_size: int, rounding: str, generator):
+    """bitsandbytes' CPU quantize_4bit arithmetic, step for step."""
+    flat = x32.reshape(-1)
+    n = flat.numel()
+    rem = n % block_size
+    full = n - rem
+    blocks = full // block_size
+    a = flat[:full].reshape(blocks, block_size)
+    absmax = a.abs().amax(dim=-1)
+    scaled = torch.clamp(a * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        # The partial last block divides (not multiplies) and stores its clamped
+        # absmax: both as bitsandbytes does, so the bytes agree.
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    return fmt.encode(scaled, rounding, generator), absmax
+
+
+def mx_scale_exponents(amax: torch.Tensor, scale_rule: str = "floor") -> torch.Tensor:
+    """Unbiased E8M0 exponents of MXFP4 block scales from block amax values.
+
+    ``"floor"`` (OCP MX v1.0): ``floor(log2(amax)) - 2``, so ``amax / X`` lies in
+    [4, 8) and a block maximum above 6 X saturates. ``"ceil"``: the smallest ``e``
+    with ``amax <= 6 * 2^e`` (never clips). Computed exactly with ``frexp``;
+    clamped to [-127, 127]; an all-zero block gets -127.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mx_scale_exponents(torch.tensor([1.0, 6.0, 7.0, 0.0])).tolist()
+    [-2, 0, 0, -127]
+    >>> mx_scale_exponents(torch.tensor([1.0, 6.0, 7.0]), "ceil").tolist()
+    [-2, 0, 1]
+    """
+    if scale_rule not in MX_SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {MX_SCALE_RULES}, got {scale_rule!r}")
+    _, ex = torch.frexp(amax)  # amax = m * 2^ex, m in [0.5, 1): floor(log2 amax) = ex - 1
+    e = ex.to(torch.int32) - 1 - 2  # 2 = emax of E2M1 (6 = 1.5 * 2^2)
+    if scale_rule == "ceil":
+        e = e + (amax * _pow2(-e) > E2M1_MAX).to(torch.int32)
+    e = torch.where(amax > 0, e, torch.full_like(e, E8M0_MIN_EXP))
+    return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+
+
+def _mx_codes(x32: torch.Tensor, rounding: str, generator, scale_rule: str):
+    shape = x32.shape
+    blocks = x32.reshape(*shape[:-1], shape[-1] // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
+    amax = blocks.abs().amax(dim=-1)
+    e = mx_scale_exponents(amax, scale_rule)
+    inv = _pow2(-e)
+    scaled = blocks * inv.unsqueeze(-1)  # exact: a power of two
+    clipped = (amax * inv > E2M1_MAX) & (amax > 0)
+    clip_fraction = float(clipped.float().mean())
+    codes = E2M1.encode(scaled.reshape(shape), rounding, generator)
+    scale = (e + E8M0_EXP_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
+    return codes, scale, clip_fraction
+
+
+def nvfp4_tensor_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 per-tensor scales ``(s_enc, s_dec)`` in float32.
+
+    ``s_enc = 6 * 448 / amax`` (1 when amax is 0, capped at the float32 maximum),
+    ``s_dec = 1 / s_enc``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> [float(s) for s in nvfp4_tensor_scale(torch.tensor(2688.0))]
+    [1.0, 1.0]
+    """
+    amax = amax.float()
+    s_enc = torch.where(amax > 0, (E2M1_MAX * E4M3_MAX) / amax, torch.ones_like(amax))
+    s_enc = s_enc.clamp(max=FLOAT32_MAX)
+    return s_enc, 1.0 / s_enc
+
+
+def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, tile: bool):
+    shape = x32.shape
+    s_enc, s_dec = nvfp4_tensor_scale(x32.abs().max())
+    if tile:
+        r, c = shape
+        t = NVFP4_TILE
+        blocks = x32.reshape(r // t, t, c // t, t).permute(0, 2, 1, 3).reshape(r // t, c // t, t * t)
+    else:
+        blocks = x32.reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
+    amax_b = blocks.abs().amax(dim=-1)
+    s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn)  # RNE, saturating at 448
+    denom = s_dec_b.float() * s_dec
+    # A block whose scale rounds to 0 in E4M3 can only hold zeros: encode it as 0.
+    s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=FLOAT32_MAX)
+    if tile:
+        r, c = shape
+        t = NVFP4_TILE
+        scaled = x32.reshape(r // t, t, c // t, t) * s_enc_b[:, None, :, None]
+    else:
+        scaled = blocks * s_enc_b.unsqueeze(-1)
+    codes = E2M1.encode(scaled.reshape(shape), rounding, generator)
+    return codes, s_dec_b, s_dec
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+def quantize(
+    x: torch.Tensor,
+    scheme: str,
+    *,
+    block_size: Optional[int] = None,
+    rounding: str = "nearest",
+    generator: Optional[torch.Generator] = None,
+    double_quant: bool = False,
+    scale_rule: str = "floor",
+    tile: bool = False,
+    nonfinite: str = "raise",
+) -> QuantizedTensor:
+    """Quantize ``x`` to 4 bits with block scaling.
+
+    Parameters
+    ----------
+    x:
+        float32, float16 or bfloat16 tensor. Non-contiguous tensors are quantized in
+        their logical (row-major) order. float64 and integer tensors raise
+        ``TypeError``; empty tensors raise ``ValueError``.
+    scheme:
+        ``"bnb_fp4"``, ``"nf4"``, ``"mxfp4"`` or ``"nvfp4"`` (see the module docs).
+    block_size:
+        bitsandbytes schemes: one of 32, 64 (default), ..., 4096; the flattened
+        tensor may end in a partial block, and a 0-d tensor is one block of one.
+        MXFP4 is fixed at 32 and NVFP4 at 16; their last axis must be a multiple of
+        the block size (``ValueError`` otherwise).
+    rounding:
+        ``"nearest"`` or ``"stochastic"`` (see :meth:`ElementFormat.encode`).
+    generator:
+        ``torch.Generator`` for stochastic rounding.
+    double_quant:
+        bitsandbytes schemes only: quantize the absmax values to 8 bits in groups
+        of 256 (bitsandbytes' ``compress_statistics=True``).
+    scale_rule:
+        MXFP4 only: ``"floor"`` (OCP) or ``"ceil"`` (never clips).
+    tile:
+        NVFP4 only: one scale per 16x16 tile of a 2-D tensor (for weights).
+    nonfinite:
+        ``"raise"`` (default): NaN/Inf raise ``ValueError`` naming the count and
+        first index. ``"zero"``: they are quantized as 0 (counted in
+        ``nonfinite_count``), so they neither poison their block nor its scale.
+
+    Returns
+    -------
+    QuantizedTensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib import quantize
+    >>> q = quantize(torch.tensor([[0.5, -1.0, 3.0, 12.0] * 8]), "mxfp4")
+    >>> q.scale.view(torch.uint8).tolist()  # E8M0 code 128 = 2^1: amax 12 -> floor(log2 12) - 2
+    [[128]]
+    >>> q.dequantize()[0, :4].tolist()  # 0.5 / 2 = 0.25 is a tie between 0 and 0.5: to even, 0
+    [0.0, -1.0, 3.0, 12.0]
+    >>> quantize(torch.randn(4096), "nvfp4").bits_per_element
+    4.5
+    """
+    _check_input(x, scheme, rounding, nonfinite)
+    bs = _check_block_size(scheme, block_size)
+    if double_quant and scheme not in ("bnb_fp4", "nf4"):
+        raise ValueError(f"double_quant applies to 'bnb_fp4' and 'nf4' only, not {scheme!r}")
+    if scale_rule != "floor" and scheme != "mxfp4":
+        raise ValueError(f"scale_rule applies to 'mxfp4' only, not {scheme!r}")
+    if scale_rule not in MX_SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {MX_SCALE_RULES}, got {scale_rule!r}")
+    if tile and scheme != "nvfp4":
+        raise ValueError(f"tile applies to 'nvfp4' only, not {scheme!r}")
+    if scheme in ("mxfp4", "nvfp4"):
+        if x.dim() == 0:
+            raise ValueError(f"{scheme} scales blocks along the last axis; x is 0-d (pass x.reshape(1, -1) padded to {bs})")
+        if tile:
+            if x.dim() != 2 or x.shape[0] % NVFP4_TILE or x.shape[1] % NVFP4_TILE:
+                raise ValueError(f"tile=True needs a 2-D tensor with both sides multiples of 16, got shape {tuple(x.shape)}")
+        elif x.shape[-1] % bs:
+            raise ValueError(
+                f"{scheme} needs the last axis to be a multiple of its block size {bs}, got shape {tuple(x.shape)} "
+                f"(last axis {x.shape[-1]}); pad it, or use a bitsandbytes scheme, which allows a partial block"
+            )
+
+    x32 = x.contiguous().float()
+    x32, nonfinite_count = _handle_nonfinite(x32, nonfinite)
+    common = dict(shape=x.shape, dtype=x.dtype, scheme=scheme, block_size=bs, rounding=rounding,
+                  nonfinite_count=nonfinite_count)
+    if scheme in ("bnb_fp4", "nf4"):
+        codes, absmax = _bnb_codes(x32, _ELEMENT_FORMAT[scheme], bs, rounding, generator)
+        if codes.numel() % 2:  # bitsandbytes pads with the code of 0.0 (7 in NF4)
+            codes = torch.cat([codes, _ELEMENT_FORMAT[scheme].encode(torch.zeros(1, device=codes.device))])
+        packed = pack_nibbles(codes, "high_first").unsqueeze(1)
+        if double_quant:
+            nested = _nested_quantize(absmax)
+            return QuantizedTensor(packed=packed, scale=nested.codes, nested=nested, **common)
+        return QuantizedTensor(packed=packed, scale=absmax, **common)
+    if scheme == "mxfp4":
+        codes, scale, clip = _mx_codes(x32, rounding, generator, scale_rule)
+        packed = pack_nibbles(codes, "low_first")
+        return QuantizedTensor(packed=packed, scale=scale, clip_fraction=clip, **common)
+    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, tile)
+    packed = pack_nibbles(codes, "low_first")
+    return QuantizedTensor(packed=packed, scale=s_dec_b, global_scale=s_dec, tile=tile, **common)
+
+
+def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, **kwargs) -> torch.Tensor:
+    """Quantize then dequantize: the values a 4-bit kernel would see.
+
+    Same shape and dtype as ``x``. ``axis`` (MXFP4/NVFP4 without tiles) picks the
+    axis the blocks run along, e.g. the reduction axis of a GEMM operand; other
+    keyword arguments are those of :func:`quantize`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib import fake_quantize
+    >>> [round(v, 4) for v in fake_quantize(torch.tensor([1.0, 2.4, 2.6, -7.0] * 4), "nvfp4").tolist()[:4]]
+    [1.1667, 2.3333, 2.3333, -7.0]
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if axis not in (-1, x.dim() - 1):
+        if scheme not in ("mxfp4", "nvfp4") or kwargs.get("tile"):
+            raise ValueError("axis applies to 'mxfp4' and 'nvfp4' without tiles; bitsandbytes blocks run over the flattened tensor")
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
+        moved = x.movedim(axis, -1)
+        return quantize(moved, scheme, **kwargs).dequantize().movedim(-1, axis)
+    return quantize(x, scheme, **kwargs).dequantize()
