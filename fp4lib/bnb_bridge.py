@@ -45,6 +45,17 @@ def to_bnb(q: QuantizedTensor):
 
     The packed bytes are shared, not copied; ``F.dequantize_4bit(*to_bnb(q))``
     decodes it with bitsandbytes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib import quantize
+    >>> q = quantize(torch.randn(3, 64), "nf4")
+    >>> packed, state = to_bnb(q)
+    >>> state.quant_type, state.blocksize, tuple(state.shape), packed.shape
+    ('nf4', 64, (3, 64), torch.Size([96, 1]))
+    >>> torch.equal(import_bitsandbytes().dequantize_4bit(packed, state), q.dequantize())
+    True
     """
     if q.scheme not in _QUANT_TYPE:
         raise ValueError(f"only 'bnb_fp4' and 'nf4' tensors have a bitsandbytes form, got scheme {q.scheme!r}")
@@ -67,7 +78,16 @@ def to_bnb(q: QuantizedTensor):
 
 
 def from_bnb(packed: torch.Tensor, state) -> QuantizedTensor:
-    """Wrap bitsandbytes' ``(packed, QuantState)`` as a :class:`QuantizedTensor`."""
+    """Wrap bitsandbytes' ``(packed, QuantState)`` as a :class:`QuantizedTensor`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.randn(50)
+    >>> q = from_bnb(*bnb_quantize(x, "fp4", 64))
+    >>> q.scheme, q.shape, q.bits_per_element
+    ('bnb_fp4', torch.Size([50]), 4.64)
+    """
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     scheme = _SCHEME.get(state.quant_type)
@@ -97,6 +117,15 @@ def bnb_quantize(x: torch.Tensor, quant_type: str = "fp4", block_size: int = 64,
 
     Returns bitsandbytes' ``(packed, QuantState)``: its CUDA kernel on a GPU, its
     CPU code otherwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib import quantize
+    >>> x = torch.randn(4, 100)
+    >>> packed, state = bnb_quantize(x, "fp4", 64)
+    >>> torch.equal(packed, quantize(x, "bnb_fp4").packed)
+    True
     """
     if quant_type not in _SCHEME:
         raise ValueError(f"quant_type must be 'fp4' or 'nf4', got {quant_type!r}")
@@ -111,6 +140,14 @@ def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     multi-row tensors whose last axis is a multiple of 16 but not of the block
     size, e.g. (3, 48) at block size 64. On CPU this decodes the flattened tensor
     (which that kernel gets right) and restores the shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib import quantize
+    >>> x = torch.randn(3, 48)
+    >>> torch.equal(bnb_dequantize(*bnb_quantize(x, "fp4", 64)), quantize(x, "bnb_fp4").dequantize())
+    True
     """
     F = import_bitsandbytes()
     if packed.device.type != "cpu":
@@ -124,6 +161,14 @@ def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def bnb_roundtrip(x: torch.Tensor, quant_type: str = "fp4", block_size: int = 64) -> Tuple[torch.Tensor, object, torch.Tensor]:
-    """``(packed, state, dequantized)`` from bitsandbytes, with the shape-safe decode."""
+    """``(packed, state, dequantized)`` from bitsandbytes, with the shape-safe decode.
+
+    Examples
+    --------
+    >>> import torch
+    >>> packed, state, x_dq = bnb_roundtrip(torch.randn(50) * 0.5)
+    >>> packed.shape, x_dq.shape, state.blocksize
+    (torch.Size([25, 1]), torch.Size([50]), 64)
+    """
     packed, state = bnb_quantize(x, quant_type, block_size)
     return packed, state, bnb_dequantize(packed, state)

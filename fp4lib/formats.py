@@ -237,7 +237,14 @@ class ElementFormat:
         return CodeFields(code, bits, sign, exponent, mantissa, subnormal, value)
 
     def table(self) -> List[CodeFields]:
-        """:meth:`fields` for all 16 codes, in code order."""
+        """:meth:`fields` for all 16 codes, in code order.
+
+        Examples
+        --------
+        >>> from fp4lib import E2M1
+        >>> [f.value for f in E2M1.table()][:8]
+        [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+        """
         return [self.fields(c) for c in range(16)]
 
 

@@ -99,6 +99,15 @@ def block_hadamard(x: torch.Tensor, block_size: int = 16, signs: Optional[torch.
 
 
 def inverse_block_hadamard(y: torch.Tensor, block_size: int = 16, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Undo :func:`block_hadamard` with the same ``block_size`` and ``signs``."""
+    """Undo :func:`block_hadamard` with the same ``block_size`` and ``signs``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.randn(4, 32)
+    >>> s = random_signs(16, torch.Generator().manual_seed(1))
+    >>> bool(torch.allclose(inverse_block_hadamard(block_hadamard(x, 16, s), 16, s), x, atol=1e-6))
+    True
+    """
     _check_size(block_size)
     return _apply(y, block_size, _transform_matrix(block_size, signs, y.dtype, y.device, inverse=True))

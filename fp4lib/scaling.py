@@ -177,6 +177,13 @@ class QuantizedTensor:
         """Decode to a tensor of the original shape and dtype.
 
         Products are taken in float32 and cast at the end, as bitsandbytes does.
+
+        Examples
+        --------
+        >>> import torch
+        >>> q = quantize(torch.tensor([0.1, -0.5, 1.0, 0.3]), "bnb_fp4")
+        >>> [round(v, 4) for v in q.dequantize().tolist()]
+        [0.1667, -0.5, 1.0, 0.3333]
         """
         fmt = self.element_format
         vals = fmt.decode(self.codes())
