@@ -61,6 +61,12 @@ def random_signs(block_size: int, generator: Optional[torch.Generator] = None, d
     return (bits * 2 - 1).to(torch.float32)
 
 
+def _check_tensor(x) -> None:
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        got = x.dtype if torch.is_tensor(x) else type(x).__name__
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {got}")
+
+
 def _transform_matrix(block_size, signs, dtype, device, inverse):
     h = hadamard_matrix(block_size, dtype=dtype, device=device)
     if signs is None:
@@ -72,8 +78,6 @@ def _transform_matrix(block_size, signs, dtype, device, inverse):
 
 
 def _apply(x: torch.Tensor, block_size: int, m: torch.Tensor) -> torch.Tensor:
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point torch.Tensor")
     if x.dim() == 0 or x.shape[-1] % block_size:
         raise ValueError(f"the last axis of x must be a multiple of block_size={block_size}, got shape {tuple(x.shape)}")
     shape = x.shape
@@ -95,6 +99,7 @@ def block_hadamard(x: torch.Tensor, block_size: int = 16, signs: Optional[torch.
     [1.0]
     """
     _check_size(block_size)
+    _check_tensor(x)
     return _apply(x, block_size, _transform_matrix(block_size, signs, x.dtype, x.device, inverse=False))
 
 
@@ -110,4 +115,5 @@ def inverse_block_hadamard(y: torch.Tensor, block_size: int = 16, signs: Optiona
     True
     """
     _check_size(block_size)
+    _check_tensor(y)
     return _apply(y, block_size, _transform_matrix(block_size, signs, y.dtype, y.device, inverse=True))

@@ -42,6 +42,8 @@ def pack_nibbles(codes: torch.Tensor, order: str = "high_first") -> torch.Tensor
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     if codes.dim() == 0:
         raise ValueError("codes must have at least one dimension")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"codes must lie in 0..15 (4 bits), got a maximum of {int(codes.max())}")
     if codes.shape[-1] % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
     even = codes[..., 0::2]

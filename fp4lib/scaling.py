@@ -457,7 +457,9 @@ def nvfp4_tensor_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     [1.0, 1.0]
     """
     amax = amax.float()
-    s_enc = torch.where(amax > 0, (E2M1_MAX * E4M3_MAX) / amax, torch.ones_like(amax))
+    # A true float32 division (a Python number over a tensor would be computed as a
+    # product with the reciprocal, one ulp off for about a quarter of amax values).
+    s_enc = torch.where(amax > 0, torch.full_like(amax, E2M1_MAX * E4M3_MAX) / amax, torch.ones_like(amax))
     s_enc = s_enc.clamp(max=FLOAT32_MAX)
     return s_enc, 1.0 / s_enc
 
@@ -605,6 +607,8 @@ def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, **kwargs) -> 
     >>> from fp4lib import fake_quantize
     >>> [round(v, 4) for v in fake_quantize(torch.tensor([1.0, 2.4, 2.6, -7.0] * 4), "nvfp4").tolist()[:4]]
     [1.1667, 2.3333, 2.3333, -7.0]
+    >>> fake_quantize(torch.tensor([1.0, 2.4, 2.6, -7.0] * 4), "nvfp4")[3].item()  # the max is exact
+    -7.0
     """
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

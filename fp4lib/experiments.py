@@ -1,0 +1,465 @@
+"""The training study behind chapter 5, its stored results, and the staleness check.
+
+::
+
+    python -m fp4lib.experiments list                  # the runs and whether their results are fresh
+    python -m fp4lib.experiments run                   # every run (about an hour on the 2-core CPU)
+    python -m fp4lib.experiments run --only nvfp4_s0   # some runs
+    python -m fp4lib.experiments run --stale           # only missing or stale results
+    python -m fp4lib.experiments check                 # used by `make test`
+
+Each run (:data:`STUDY`) trains the tiny GPT with one recipe and seed and writes
+``experiments/results/<name>.json``: final validation loss, the loss and
+validation curves, step times, and how it was made -- the equivalent CLI command,
+the seed, the machine, the torch and Python versions, the corpus hash and a hash
+of the code that affects training (:func:`code_hash`). Chapter 5 plots these
+files (:func:`load_results`, :func:`summary`) and trains one short comparison
+live.
+
+``check`` fails when a stored result was made by different code (code hash), on
+a different corpus (corpus hash), with a different run definition, or is
+missing, and names the command that refreshes it. It then re-runs the cheap
+:data:`REPRO_RUN` and compares its losses with the stored ones (exactly, or
+within ``--tol``).
+
+The studies:
+
+* ``main`` -- bf16, fp4_naive, mxfp4, nvfp4 at the ci size, 400 steps, several seeds;
+* ``ablation`` -- nvfp4 with one ingredient off (high-precision last block,
+  stochastic rounding, random Hadamard, 16x16 tiles);
+* ``fwd_bwd`` -- where the gap comes from: FP4 in the forward GEMM only, or in the
+  backward GEMMs only;
+* ``length`` -- 800 steps of bf16, nvfp4 and nvfp4 with the last 10% in high
+  precision: how the gap grows with training and NVIDIA's remedy;
+* ``underflow`` -- why naive fails: a bf16 run that captures the attention
+  output-projection gradient dY at a few steps and measures the fraction of its
+  entries that per-tensor and per-block FP4 scales send to zero;
+* ``repro`` -- a 20-step nvfp4 run that ``check`` re-runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "Run",
+    "STUDY",
+    "REPRO_RUN",
+    "CODE_FILES",
+    "RESULTS_DIR",
+    "code_hash",
+    "machine_info",
+    "run_experiment",
+    "load_results",
+    "stale_results",
+    "summary",
+    "check_targets",
+    "main",
+]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+RESULTS_DIR = REPO_DIR / "experiments" / "results"
+RUNS_DIR = REPO_DIR / "experiments" / "runs"  # metrics and checkpoints (not committed)
+
+CODE_FILES = (
+    "constants.py", "formats.py", "rounding.py", "scaling.py", "hadamard.py", "packing.py",
+    "fast.py", "nn.py", "recipes.py", "model.py", "data.py", "trainer.py", "train.py", "diagnostics.py",
+)
+"""The modules of ``fp4lib`` whose code decides a run's numbers."""
+
+UNDERFLOW_MODULE = "transformer.h.{block}.attn.c_proj"
+DEFAULT_TOL = 0.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study.
+
+    ``capture_steps``: before these steps (1-based) record the underflow report of
+    the attention output-projection gradient of every block.
+    """
+
+    name: str
+    recipe: str
+    seed: int = 0
+    steps: int = 400
+    preset: str = "ci"
+    study: str = "main"
+    hp_final_fraction: Optional[float] = None
+    capture_steps: Tuple[int, ...] = ()
+
+    def command(self, out: Optional[str] = None) -> str:
+        """The equivalent ``python -m fp4lib.train`` command."""
+        args = ["python", "-m", "fp4lib.train", "--recipe", self.recipe, "--preset", self.preset,
+                "--steps", str(self.steps), "--seed", str(self.seed), "--out", out or f"experiments/runs/{self.name}"]
+        if self.hp_final_fraction is not None:
+            args += ["--hp-final-fraction", str(self.hp_final_fraction)]
+        return shlex.join(args)
+
+    def definition(self) -> dict:
+        """The fields that define the run (compared with a stored result's)."""
+        d = asdict(self)
+        d["capture_steps"] = list(self.capture_steps)
+        return d
+
+
+def _study() -> List[Run]:
+    runs: List[Run] = []
+    seeds = {"bf16": (0, 1, 2), "fp4_naive": (0, 1), "mxfp4": (0, 1), "nvfp4": (0, 1, 2)}
+    for recipe, ss in seeds.items():
+        runs += [Run(f"{recipe}_s{s}", recipe, seed=s) for s in ss]
+    for recipe in ("nvfp4_all_fp4", "nvfp4_no_sr", "nvfp4_no_rht", "nvfp4_no_tiles"):
+        runs.append(Run(f"{recipe}_s0", recipe, study="ablation"))
+    for recipe in ("nvfp4_fwd_only", "nvfp4_bwd_only"):
+        runs.append(Run(f"{recipe}_s0", recipe, study="fwd_bwd"))
+    for recipe in ("bf16", "nvfp4", "nvfp4_hp_final"):
+        runs.append(Run(f"{recipe}_800_s0", recipe, steps=800, study="length"))
+    runs.append(Run("underflow_bf16_s0", "bf16", study="underflow", capture_steps=(1, 50, 100, 200, 400)))
+    runs.append(Run("repro_nvfp4_s0", "nvfp4", steps=20, study="repro"))
+    return runs
+
+
+STUDY: List[Run] = _study()
+REPRO_RUN = "repro_nvfp4_s0"
+"""The cheap run that ``check`` trains again to confirm the stored numbers reproduce."""
+
+
+# ----------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_hash(files: Sequence[str] = CODE_FILES, package_dir: Path = PACKAGE_DIR) -> str:
+    """SHA-256 (hex) of the code of ``files`` in ``fp4lib``: their syntax trees with
+    comments and docstrings removed, so that editing documentation does not make
+    stored results stale, while any change to the code does.
+
+    Examples
+    --------
+    >>> len(code_hash()), code_hash() == code_hash()
+    (64, True)
+    """
+    h = hashlib.sha256()
+    for name in sorted(files):
+        tree = _strip_docstrings(ast.parse((package_dir / name).read_text(), filename=name))
+        h.update(name.encode() + b"\0" + ast.dump(tree, include_attributes=False).encode() + b"\0")
+    return h.hexdigest()
+
+
+def machine_info() -> dict:
+    """CPU model, core count, torch threads, GPU, OS, Python and torch versions."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "os": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------
+def _underflow_hook(run: Run, store: Dict[str, dict], val_windows, n_layer: int):
+    from .diagnostics import capture_grad_output, underflow_report
+
+    g = torch.Generator().manual_seed(0)
+    batch = val_windows.sample(32, g)
+
+    def hook(trainer, step):
+        if step not in run.capture_steps:
+            return
+        rec = {}
+        for b in range(n_layer):
+            name = UNDERFLOW_MODULE.format(block=b)
+            dy = capture_grad_output(trainer.model, name, tuple(t.to(trainer.device) for t in batch))
+            rec[name] = underflow_report(dy.cpu())
+        store[str(step)] = rec
+
+    return hook
+
+
+def run_experiment(run: Run, results_dir: Path = RESULTS_DIR, runs_dir: Path = RUNS_DIR, backend: str = "auto",
+                   progress: bool = True, write: bool = True) -> dict:
+    """Train ``run`` and return (and, with ``write``, store) its result record."""
+    from .train import PRESETS, run_training
+
+    captured: Dict[str, dict] = {}
+    hooks = []
+    if run.capture_steps:
+        from .train import build_run
+
+        _, _, _, val, _ = build_run("bf16", run.preset)
+        hooks.append(_underflow_hook(run, captured, val, PRESETS[run.preset].model.n_layer))
+    out = Path(runs_dir) / run.name
+    t0 = time.time()
+    result = run_training(run.recipe, run.preset, steps=run.steps, seed=run.seed, out=str(out), backend=backend,
+                          hp_final_fraction=run.hp_final_fraction, progress=progress, hooks=hooks)
+    ms = sorted(result.step_ms)
+    record = {
+        "name": run.name,
+        "definition": run.definition(),
+        "final_val_loss": result.final_val_loss,
+        "train_losses": result.train_losses,
+        "val_losses": [list(v) for v in result.val_losses],
+        "step_ms_median": ms[len(ms) // 2],
+        "step_ms": [round(t, 3) for t in result.step_ms],
+        "wall_s": round(time.time() - t0, 1),
+        "underflow": captured or None,
+        "command": run.command(),
+        "runner_command": f"python -m fp4lib.experiments run --only {run.name}",
+        "seed": run.seed,
+        "machine": machine_info(),
+        "code_hash": code_hash(),
+        "corpus": result.info["corpus"],
+        "torch": torch.__version__,
+        "backend": backend,
+        "device": result.info.get("device"),
+        "run_info": {k: v for k, v in result.info.items() if k not in ("corpus",)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if write:
+        results_dir = Path(results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path = results_dir / f"{run.name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+    return record
+
+
+# ----------------------------------------------------------------------------
+# Reading and checking
+# ----------------------------------------------------------------------------
+def load_results(names: Optional[Iterable[str]] = None, results_dir: Path = RESULTS_DIR) -> Dict[str, dict]:
+    """Stored results by run name (all of them, or ``names``; missing ones are left out)."""
+    results_dir = Path(results_dir)
+    wanted = list(names) if names is not None else [r.name for r in STUDY]
+    out = {}
+    for name in wanted:
+        path = results_dir / f"{name}.json"
+        if path.is_file():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def _current_corpus_sha(preset: str) -> str:
+    from .data import load_corpus
+    from .train import PRESETS
+
+    return load_corpus(None, PRESETS[preset].corpus_bytes).sha256
+
+
+def stale_results(runs: Sequence[Run] = STUDY, results_dir: Path = RESULTS_DIR) -> Dict[str, str]:
+    """Runs whose stored result is missing or stale, with the reason (empty: all fresh)."""
+    current = code_hash()
+    corpus_sha: Dict[str, str] = {}
+    problems = {}
+    for run in runs:
+        path = Path(results_dir) / f"{run.name}.json"
+        if not path.is_file():
+            problems[run.name] = "missing"
+            continue
+        rec = json.loads(path.read_text())
+        if rec.get("code_hash") != current:
+            problems[run.name] = f"made by other code (code hash {str(rec.get('code_hash'))[:12]}, now {current[:12]})"
+            continue
+        if rec.get("definition") != run.definition():
+            problems[run.name] = "the run's definition changed"
+            continue
+        if run.preset not in corpus_sha:
+            corpus_sha[run.preset] = _current_corpus_sha(run.preset)
+        if rec.get("corpus", {}).get("sha256") != corpus_sha[run.preset]:
+            problems[run.name] = (f"made on another corpus ({rec.get('corpus', {}).get('name')}, sha256 "
+                                  f"{str(rec.get('corpus', {}).get('sha256'))[:12]}; here {corpus_sha[run.preset][:12]})")
+    return problems
+
+
+def compare_losses(stored: dict, fresh: dict) -> float:
+    """Largest absolute difference of the training and validation losses of two records."""
+    a = list(stored["train_losses"]) + [v for _, v in stored["val_losses"]]
+    b = list(fresh["train_losses"]) + [v for _, v in fresh["val_losses"]]
+    if len(a) != len(b):
+        return float("inf")
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def _by_recipe(results: Dict[str, dict], study: str, steps: Optional[int] = None) -> Dict[str, Dict[int, float]]:
+    table: Dict[str, Dict[int, float]] = {}
+    for rec in results.values():
+        d = rec["definition"]
+        if d["study"] != study or (steps is not None and d["steps"] != steps):
+            continue
+        table.setdefault(d["recipe"], {})[d["seed"]] = rec["final_val_loss"]
+    return table
+
+
+def summary(results: Dict[str, dict], study: str = "main", baseline: str = "bf16") -> List[dict]:
+    """Per recipe: seeds, final validation losses, mean, spread (sample sd) and the
+    paired gap to ``baseline`` in percent (each seed against the baseline's same seed)."""
+    table = _by_recipe(results, study)
+    base = table.get(baseline, {})
+    rows = []
+    for recipe, losses in table.items():
+        seeds = sorted(losses)
+        vals = [losses[s] for s in seeds]
+        gaps = [100.0 * (losses[s] / base[s] - 1.0) for s in seeds if s in base]
+        rows.append({
+            "recipe": recipe,
+            "seeds": seeds,
+            "losses": vals,
+            "mean": statistics.fmean(vals),
+            "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "gap_pct": gaps,
+            "gap_mean_pct": statistics.fmean(gaps) if gaps else None,
+            "gap_sd_pct": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+        })
+    return sorted(rows, key=lambda r: r["mean"])
+
+
+def check_targets(results: Dict[str, dict]) -> Dict[str, bool]:
+    """The issue's targets at the ci size, from the ``main`` study's mean losses:
+    naive >= 20% worse than bf16; nvfp4 closes >= 90% of naive's gap; nvfp4 within
+    4% of bf16 (mean over >= 2 seeds); ordering bf16 < nvfp4 < mxfp4 < naive."""
+    rows = {r["recipe"]: r for r in summary(results)}
+    need = ("bf16", "fp4_naive", "mxfp4", "nvfp4")
+    if any(k not in rows for k in need):
+        return {}
+    b, n, m, v = (rows[k]["mean"] for k in need)
+    return {
+        "naive_at_least_20pct_worse": n >= 1.2 * b,
+        "nvfp4_closes_90pct_of_naive_gap": (n - v) >= 0.9 * (n - b),
+        "nvfp4_within_4pct": v <= 1.04 * b and len(rows["nvfp4"]["seeds"]) >= 2,
+        "ordering_bf16_nvfp4_mxfp4_naive": b < v < m < n,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+def _select(names: Optional[Sequence[str]], study: Optional[str]) -> List[Run]:
+    known = {r.name: r for r in STUDY}
+    if names:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"--only: unknown run(s) {unknown}; known runs: {sorted(known)}")
+        runs = [known[n] for n in names]
+    else:
+        runs = list(STUDY)
+    if study:
+        runs = [r for r in runs if r.study == study]
+    return runs
+
+
+def cmd_run(args) -> int:
+    runs = _select(args.only, args.study)
+    if args.stale:
+        stale = stale_results(runs, args.results)
+        runs = [r for r in runs if r.name in stale]
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.name}: {run.command()}", flush=True)
+        rec = run_experiment(run, Path(args.results), Path(args.runs), backend=args.backend, progress=not args.no_progress)
+        print(f"  final val_loss {rec['final_val_loss']:.4f}, median step {rec['step_ms_median']:.0f} ms, "
+              f"{rec['wall_s']:.0f} s", flush=True)
+    return 0
+
+
+def cmd_list(args) -> int:
+    stale = stale_results(STUDY, args.results)
+    for run in STUDY:
+        status = stale.get(run.name, "fresh")
+        print(f"{run.name:24s} {run.study:10s} {run.recipe:16s} seed {run.seed} steps {run.steps:4d}  {status}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    stale = stale_results(STUDY, args.results)
+    if stale:
+        print(f"experiments check FAILED: {len(stale)} stored result(s) are missing or stale for the current code:",
+              file=sys.stderr)
+        for name, why in stale.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        only = " ".join(sorted(stale))
+        print(f"refresh with:  python -m fp4lib.experiments run --stale   (or: make experiments)\n"
+              f"  or only these: python -m fp4lib.experiments run --only {only}", file=sys.stderr)
+        return 1
+    print(f"all {len(STUDY)} stored results match code hash {code_hash()[:12]}")
+    if args.no_rerun:
+        return 0
+    run = {r.name: r for r in STUDY}[args.rerun]
+    stored = load_results([run.name], args.results)[run.name]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = run_experiment(run, Path(tmp), Path(tmp), backend=args.backend, progress=False, write=False)
+    diff = compare_losses(stored, fresh)
+    if diff <= args.tol:
+        how = "exactly" if diff == 0 else f"within {args.tol} (max |diff| {diff:.3g})"
+        print(f"re-ran {run.name}: losses reproduce {how}; final val_loss {fresh['final_val_loss']:.6f}")
+        return 0
+    print(f"experiments check FAILED: re-running {run.name} gave losses differing from the stored ones by up to "
+          f"{diff:.3g} (tolerance {args.tol}); stored final val_loss {stored['final_val_loss']:.6f}, "
+          f"now {fresh['final_val_loss']:.6f}. Stored on {stored['machine']['cpu']} "
+          f"({stored['machine']['torch_threads']} threads), here {machine_info()['cpu']} "
+          f"({torch.get_num_threads()} threads).", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fp4lib.experiments", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(RESULTS_DIR), help="directory of the stored results")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train runs and store their results")
+    r.add_argument("--only", nargs="+", metavar="NAME", help="run only these")
+    r.add_argument("--study", choices=sorted({x.study for x in STUDY}), help="run only this study")
+    r.add_argument("--stale", action="store_true", help="only runs whose result is missing or stale")
+    r.add_argument("--runs", default=str(RUNS_DIR), help="directory for metrics and checkpoints")
+    r.add_argument("--backend", default="auto", help="fake-quant backend (identical numbers)")
+    r.add_argument("--no-progress", action="store_true")
+    sub.add_parser("list", help="list the runs and the state of their results")
+    c = sub.add_parser("check", help="fail on stale results; re-run one cheap run and compare")
+    c.add_argument("--rerun", default=REPRO_RUN, choices=[x.name for x in STUDY], help="the run to re-run")
+    c.add_argument("--tol", type=float, default=DEFAULT_TOL, help="largest allowed |loss difference| (default 0: exact)")
+    c.add_argument("--no-rerun", action="store_true", help="only compare hashes")
+    c.add_argument("--backend", default="auto")
+    args = p.parse_args(argv)
+    try:
+        return {"run": cmd_run, "list": cmd_list, "check": cmd_check}[args.command](args)
+    except ValueError as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The fake-quantize fast path for FP4 training: one fused, compilable function.
+
+Simulated FP4 training (chapter 4) spends all its extra time in
+quantize -> dequantize ("fake quant") of the GEMM operands; the GEMMs themselves are
+unchanged. :func:`fake_quant_fused` writes the whole of it -- amax, scales,
+rounding (nearest or stochastic), decode -- as one chain of elementwise operations
+and block reductions, so that ``torch.compile`` turns each call into a single loop
+nest. Three choices keep it fast:
+
+* **Blocks along any axis without a copy.** A 2-D operand ``(rows, cols)`` blocked
+  along axis 0 (the token axis of the Wgrad GEMM) is viewed as
+  ``(rows // b, b, cols)`` and reduced over the middle axis; no transposed copy.
+* **Stochastic-rounding noise from a hash.** The uniform draw for element ``i``
+  is :func:`fp4lib.rounding.cheap_uniform`'s integer hash of ``(seed, i)``,
+  computed inside the kernel: no random-number state, and the reference path
+  can recompute the same draws.
+* **Rounding by comparisons.** E2M1 round-to-nearest-even is a sum of seven
+  threshold tests; stochastic rounding is a floor on a power-of-two step.
+
+The slow, obviously-correct reference is :func:`fp4lib.nn.reference_fake_quant`
+(which calls :func:`fp4lib.quantize`); ``tests/test_nn.py`` checks that this path
+(eager and compiled) equals it bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+
+from .constants import E2M1_MAX, E4M3_MAX, FLOAT32_MAX, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE
+
+__all__ = ["BACKENDS", "fake_quant_fused", "hash_uniform", "compiled_fake_quant", "compile_works"]
+
+BACKENDS = ("reference", "fused", "compiled")
+"""Ways to run an operand's fake quantization: the core-based reference, this
+module's fused formulation run eagerly, or the same compiled by ``torch.compile``."""
+
+# The hash constants of fp4lib.rounding.cheap_uniform ("lowbias32" finaliser).
+_GOLDEN = 0x9E3779B1
+_SEED_MUL = 0x85EBCA77
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+_MASK32 = 0xFFFFFFFF
+_U24 = 1.0 / (1 << 24)  # the top 24 bits of the hash become the float
+
+# E2M1 round-to-nearest-even as threshold tests: (midpoint, step up, tie goes up?).
+# A tie between grid points i and i+1 goes to the even code (bit 0 clear).
+_E2M1_STEPS = (
+    (0.25, 0.5, False),  # 0 | 0.5: tie to 0 (code 0b000)
+    (0.75, 0.5, True),  # 0.5 | 1.0: tie to 1.0 (code 0b010)
+    (1.25, 0.5, False),  # 1.0 | 1.5: tie to 1.0
+    (1.75, 0.5, True),  # 1.5 | 2.0: tie to 2.0 (code 0b100)
+    (2.5, 1.0, False),  # 2 | 3: tie to 2
+    (3.5, 1.0, True),  # 3 | 4: tie to 4 (code 0b110)
+    (5.0, 2.0, False),  # 4 | 6: tie to 4
+)
+_BINADE_2 = 2.0  # E2M1 spacing is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]
+_BINADE_4 = 4.0
+PER_TENSOR = "e2m1_per_tensor"
+
+
+def hash_uniform(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws for int64 element indices, as ``cheap_uniform``.
+
+    ``index``: int64 tensor of flat element indices (any shape); ``seed``: int64
+    0-d tensor (or int) in [0, 2**31). Element for element equal to
+    ``cheap_uniform(shape, seed)`` at the same indices, but written so that
+    ``torch.compile`` can fuse it into the kernel that uses the draws.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib.rounding import cheap_uniform
+    >>> idx = torch.arange(8)
+    >>> torch.equal(hash_uniform(idx, torch.tensor(5)), cheap_uniform((8,), 5))
+    True
+    """
+    h = (index * _GOLDEN + seed * _SEED_MUL) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _MASK32
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * _U24
+
+
+def _round_nearest(s: torch.Tensor) -> torch.Tensor:
+    """E2M1 round-to-nearest-even of float32 ``s`` (saturating at 6); values, not codes."""
+    m = s.abs()
+    q = torch.zeros_like(m)
+    for mid, step, tie_up in _E2M1_STEPS:
+        q = q + ((m >= mid) if tie_up else (m > mid)).to(m.dtype) * step
+    return torch.copysign(q, s)
+
+
+def _round_stochastic(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """E2M1 stochastic rounding of float32 ``s`` with uniforms ``u``; values, not codes.
+
+    The magnitude, clamped to [0, 6], lies between grid points ``lo`` and
+    ``lo + step`` and goes up when ``u < (m - lo) / step``: exactly the rule of
+    :func:`fp4lib.rounding.stochastic_round_index` (every operation here is exact).
+    """
+    m = s.abs().clamp(max=E2M1_MAX)
+    step = torch.where(m < _BINADE_2, 0.5, torch.where(m < _BINADE_4, 1.0, 2.0))
+    lo = torch.floor(m / step) * step
+    p_up = (m - lo) / step
+    q = lo + torch.where(u < p_up, step, 0.0)
+    return torch.copysign(q, s)
+
+
+def _pow2_bits(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**e`` for int32 ``e`` in [-126, 127], built from its bits."""
+    return ((e + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def _block_view(x: torch.Tensor, axis: int, block: int, tile: bool):
+    rows, cols = x.shape
+    if tile:
+        return x.view(rows // NVFP4_TILE, NVFP4_TILE, cols // NVFP4_TILE, NVFP4_TILE), (1, 3)
+    if axis == 1:
+        return x.view(rows, cols // block, block), (2,)
+    return x.view(rows // block, block, cols), (1,)
+
+
+def fake_quant_fused(
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    scheme: str,
+    axis: int,
+    rounding: str,
+    tile: bool = False,
+    scale_rule: str = "floor",
+) -> torch.Tensor:
+    """Fake-quantize a 2-D float32 operand in one fused pass.
+
+    Parameters
+    ----------
+    x:
+        float32, shape ``(rows, cols)``, contiguous.
+    seed:
+        int64 0-d tensor in [0, 2**31): the stochastic-rounding seed (ignored for
+        ``"nearest"``). A tensor, so that a compiled kernel is not re-specialised
+        for every step's seed.
+    scheme:
+        ``"e2m1_per_tensor"`` (one absmax/6 scale for the whole tensor),
+        ``"mxfp4"`` (E2M1 + E8M0 scale per 32) or ``"nvfp4"`` (E2M1 + E4M3 scale
+        per 16 + FP32 tensor scale).
+    axis:
+        0 or 1: the axis the blocks run along (the GEMM's reduction axis).
+    rounding:
+        ``"nearest"`` (ties to even) or ``"stochastic"``.
+    tile, scale_rule:
+        NVFP4 16x16 tiles; MXFP4 scale rule ``"floor"`` (OCP) or ``"ceil"``.
+
+    Returns
+    -------
+    torch.Tensor
+        float32, shape ``(rows, cols)``: the dequantized values. Any NaN or
+        +-Inf in ``x`` makes the whole result NaN (as a GEMM on it would be).
+    """
+    rows, cols = x.shape
+    amax = x.abs().amax()
+    if rounding == "stochastic":
+        index = torch.arange(rows * cols, device=x.device, dtype=torch.int64).view(rows, cols)
+    if scheme == PER_TENSOR:
+        scale = torch.where(amax > 0, amax / E2M1_MAX, 1.0)
+        scaled = x / scale
+        if rounding == "stochastic":
+            q = _round_stochastic(scaled, hash_uniform(index, seed))
+        else:
+            q = _round_nearest(scaled)
+        out = q * scale
+    else:
+        block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+        v, dims = _block_view(x, axis, block, tile)
+        amax_b = v.abs().amax(dim=dims, keepdim=True)
+        if rounding == "stochastic":
+            u = hash_uniform(_block_view(index, axis, block, tile)[0], seed)
+        if scheme == "mxfp4":
+            # floor(log2(amax_b)) from the float32 exponent field; subnormal and zero
+            # blocks come out below -127 and are clamped, as frexp would give.
+            e = ((amax_b.view(torch.int32) >> 23) & 0xFF) - 127 - 2
+            e = e.clamp(-127, 127)
+            if scale_rule == "ceil":
+                e = e + (amax_b * _pow2_bits(-e) > E2M1_MAX).to(torch.int32)
+            e = torch.where(amax_b > 0, e, -127).clamp(-127, 127)
+            scaled = v * _pow2_bits(-e)
+            q = _round_stochastic(scaled, u) if rounding == "stochastic" else _round_nearest(scaled)
+            out = q * (_pow2_bits(e + 1) * 0.5)  # 2^e, down to the subnormal 2^-127
+        else:
+            s_enc = torch.where(amax > 0, (E2M1_MAX * E4M3_MAX) / amax, 1.0).clamp(max=FLOAT32_MAX)
+            s_dec = 1.0 / s_enc
+            s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn).to(torch.float32)
+            denom = s_dec_b * s_dec
+            s_enc_b = torch.where(denom > 0, 1.0 / denom, 0.0).clamp(max=FLOAT32_MAX)
+            scaled = v * s_enc_b
+            q = _round_stochastic(scaled, u) if rounding == "stochastic" else _round_nearest(scaled)
+            out = (q * s_dec_b) * s_dec
+        out = out.reshape(rows, cols)
+    return torch.where(torch.isfinite(amax), out, float("nan"))
+
+
+@functools.lru_cache(maxsize=None)
+def compile_works() -> bool:
+    """True when ``torch.compile`` runs here (on CPU it needs a C++ compiler)."""
+    try:
+        f = torch.compile(lambda t: t * 2 + 1)
+        return bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
+    except Exception:  # pragma: no cover - depends on the toolchain
+        return False
+
+
+# Each (scheme, axis, rounding, tile, scale_rule) combination and operand shape
+# is its own specialisation; a recipe needs a few dozen.
+_RECOMPILE_LIMIT = 128
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_fake_quant() -> Callable:
+    """:func:`fake_quant_fused` under ``torch.compile``, or the eager function with
+    a warning when compiling does not work here.
+
+    The first call for each operand shape and spec compiles (seconds on a CPU;
+    inductor caches the kernels on disk for later processes).
+    """
+    if not compile_works():
+        warnings.warn("torch.compile is unavailable here; FP4 fake quantization runs the eager fused path")
+        return fake_quant_fused
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
+    return torch.compile(fake_quant_fused, dynamic=False)

@@ -1,0 +1,270 @@
+"""Train the tiny GPT with an FP4 recipe: ``python -m fp4lib.train``.
+
+::
+
+    python -m fp4lib.train --recipe nvfp4 --preset ci --steps 400 --seed 0 --out runs/nvfp4
+    python -m fp4lib.train --recipe nvfp4 --out runs/nvfp4 --resume      # continue from ckpt.pt
+    python -m fp4lib.train --recipe bf16 --corpus mybook.txt              # any text file
+
+The last line printed is ``final val_loss: <number>`` (nats per byte); outside
+checks read it. Errors (unknown recipe, a missing or too short corpus, steps <= 0)
+exit with status 2 and a message naming the argument; a diverged run exits with
+status 1 and a message naming the step.
+
+Sizes (:data:`PRESETS`):
+
+* ``ci`` -- the book's CPU run: GPT d=128, 4 layers, 4 heads, context 128, batch 32
+  (0.84M parameters, 4,096 tokens per step), AdamW 3e-3, 400 steps, the first
+  8 MiB of the standard-library corpus. About 0.25 s per step in FP32 on the
+  book's 2-core machine (1.5 min per run), more with simulated FP4.
+* ``gpu`` -- about 10x larger (Colab or one GPU): d=384, 6 layers, 6 heads,
+  context 256, batch 64 (10.8M parameters, 16,384 tokens per step), AdamW 1e-3,
+  2,000 steps, the whole standard-library corpus. 2,000 steps are about 2.2e15
+  FLOPs; see :data:`GPU_RUNTIME_NOTE` for measured and expected times.
+* ``tiny`` -- for tests and smoke runs: d=32, 2 layers, context 32, batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .data import TokenWindows, load_corpus, split_tokens, VAL_FRACTION
+from .model import GPT, GPTConfig
+from .nn import BACKEND_CHOICES
+from .recipes import RECIPES, Recipe, apply_recipe, get_recipe, hp_switch_step, set_quantization
+from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, TrainingDiverged, TrainResult
+
+__all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training", "main", "FINAL_LINE_PREFIX"]
+
+FINAL_LINE_PREFIX = "final val_loss: "
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model size with its optimisation settings and corpus size."""
+
+    name: str
+    model: GPTConfig
+    batch_size: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    steps: int
+    eval_every: int
+    eval_batches: int
+    ckpt_every: int
+    corpus_bytes: Optional[int]
+    description: str
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The :class:`~fp4lib.trainer.TrainConfig` of this preset, with overrides."""
+        base = dict(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr,
+                    warmup_steps=self.warmup_steps, eval_every=self.eval_every, eval_batches=self.eval_batches,
+                    ckpt_every=self.ckpt_every)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig(**base)
+
+
+PRESETS = {
+    "ci": Preset("ci", GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128), batch_size=32, lr=3e-3,
+                 min_lr=3e-4, warmup_steps=40, steps=400, eval_every=50, eval_batches=8, ckpt_every=100,
+                 corpus_bytes=8 * 1024 * 1024, description="CPU size for the book and CI: 0.84M parameters"),
+    "gpu": Preset("gpu", GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384), batch_size=64, lr=1e-3,
+                  min_lr=1e-4, warmup_steps=100, steps=2000, eval_every=100, eval_batches=16, ckpt_every=500,
+                  corpus_bytes=None, description="about 10x the ci size, for Colab or one GPU: 10.8M parameters"),
+    "tiny": Preset("tiny", GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32), batch_size=8, lr=3e-3,
+                   min_lr=3e-4, warmup_steps=5, steps=50, eval_every=10, eval_batches=2, ckpt_every=10,
+                   corpus_bytes=256 * 1024, description="tests and smoke runs: 27k parameters"),
+}
+
+GPU_RUNTIME_NOTE = (
+    "gpu preset, 2,000 steps (32.8M tokens, about 2.2e15 FLOPs): expected a few minutes in BF16 on an "
+    "A100/H100 and roughly 10-20 minutes on a Colab T4; the simulated FP4 recipes add the fake-quantization "
+    "passes (memory-bound elementwise work), typically 1.5-3x the BF16 step."
+)
+
+
+def _min_corpus_bytes(block_size: int) -> int:
+    """Smallest corpus whose validation split (the last 10%) holds one window of block_size + 1."""
+    return int(math.ceil((block_size + 1) / VAL_FRACTION)) + 1
+
+
+def build_run(recipe: str | Recipe, preset: str = "ci", *, seed: int = 0, corpus: Optional[str] = None,
+              backend: str = "auto", corpus_bytes: Optional[int] = -1):
+    """Model, recipe, data and run facts for one run, without training.
+
+    Returns ``(model, recipe, train_windows, val_windows, info)``. ``corpus_bytes=-1``
+    uses the preset's cut (``None``: the whole file or library).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    rec = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    cut = p.corpus_bytes if corpus_bytes == -1 else corpus_bytes
+    if corpus is not None and not Path(corpus).is_file():
+        raise ValueError(f"corpus {corpus!r} does not exist or is not a file")
+    c = load_corpus(corpus, cut)
+    need = _min_corpus_bytes(p.model.block_size)
+    if len(c) < need:
+        raise ValueError(
+            f"corpus {c.source!r} has {len(c)} bytes; preset {preset!r} (block_size {p.model.block_size}) needs at "
+            f"least {need} so that its 10% validation split holds one window"
+        )
+    train_tok, val_tok = split_tokens(c.tokens())
+    train = TokenWindows(train_tok, p.model.block_size, "the training split")
+    val = TokenWindows(val_tok, p.model.block_size, "the validation split")
+    torch.manual_seed(seed)
+    model = GPT(p.model)
+    swapped = apply_recipe(model, rec, seed=seed, backend=backend)
+    info = {
+        "recipe": rec.name,
+        "recipe_description": rec.description,
+        "preset": preset,
+        "seed": seed,
+        "model": dataclasses.asdict(p.model),
+        "n_params": model.num_params(),
+        "corpus": c.info(),
+        "train_tokens": len(train_tok),
+        "val_tokens": len(val_tok),
+        "quantized_layers": swapped,
+        "hp_final_fraction": rec.hp_final_fraction,
+        "backend": backend,
+        "torch": torch.__version__,
+    }
+    return model, rec, train, val, info
+
+
+def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Optional[int] = None, seed: int = 0,
+                 out: Optional[str] = None, resume: bool = False, corpus: Optional[str] = None,
+                 backend: str = "auto", hp_final_fraction: Optional[float] = None, device: str = "auto",
+                 eval_every: Optional[int] = None, progress: bool = True, hooks: Sequence[Callable] = (),
+                 log: Callable[[str], None] = lambda s: None) -> TrainResult:
+    """Build the model for ``preset``, apply ``recipe`` and train; the CLI's engine.
+
+    ``steps``: default the preset's. ``out``: directory for ``metrics.jsonl`` and
+    ``ckpt.pt`` (``None``: write nothing; ``resume`` needs it).
+    ``hp_final_fraction`` overrides the recipe's final high-precision stretch.
+    ``log`` receives the human-readable summary lines.
+    """
+    if steps is not None and (not isinstance(steps, int) or steps <= 0):
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if resume and out is None:
+        raise ValueError("resume needs out, the directory holding ckpt.pt")
+    rec = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if hp_final_fraction is not None:
+        if not rec.quantized:
+            raise ValueError(f"hp_final_fraction applies to a quantized recipe, not {rec.name!r}")
+        rec = rec.replace(hp_final_fraction=hp_final_fraction)
+    model, rec, train, val, info = build_run(rec, preset, seed=seed, corpus=corpus, backend=backend)
+    cfg = PRESETS[preset].train_config(steps=steps, seed=seed, out_dir=out, device=device, eval_every=eval_every,
+                                       progress=progress)
+    switch = hp_switch_step(rec, cfg.steps)
+    all_hooks = list(hooks)
+    if switch is not None:
+        all_hooks.append(lambda trainer, step: set_quantization(trainer.model, step < switch))
+    info.update(steps=cfg.steps, hp_switch_step=switch)
+    if resume:
+        ckpt = Path(out) / CHECKPOINT_FILE
+        if not ckpt.is_file():
+            raise ValueError(f"resume: no checkpoint at {ckpt}")
+        stored = torch.load(ckpt, map_location="cpu", weights_only=False).get("run_info", {})
+        for key in ("recipe", "preset", "seed"):
+            if key in stored and stored[key] != info[key]:
+                raise ValueError(f"resume: the checkpoint in {out} was made with {key}={stored[key]!r}, "
+                                 f"not {info[key]!r}")
+    trainer = Trainer(model, train, val, cfg, hooks=all_hooks, run_info=info)
+    m = PRESETS[preset].model
+    log(f"recipe {rec.name}: {rec.description}")
+    log(f"model: {info['n_params'] / 1e6:.2f}M parameters (d={m.n_embd}, {m.n_layer} layers, {m.n_head} heads, "
+        f"context {m.block_size}); batch {cfg.batch_size}; {cfg.steps} steps; seed {seed}")
+    c = info["corpus"]
+    log(f"corpus: {c['name']}, {c['bytes']} bytes, sha256 {c['sha256'][:16]}; train {info['train_tokens']} / "
+        f"val {info['val_tokens']} tokens")
+    log(f"quantized linears: {len(info['quantized_layers'])}" + (f" (high precision from step {switch})" if switch else ""))
+    log(f"device: {trainer.device} ({trainer.precision}), fake-quant backend {backend}")
+    result = trainer.train(resume=resume)
+    return result
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {v}")
+    return v
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fp4lib.train",
+        description="Pretrain the tiny GPT with simulated FP4 GEMMs. The last line printed is "
+                    "'final val_loss: <number>'.",
+    )
+    p.add_argument("--recipe", default="bf16", choices=sorted(RECIPES), help="training recipe (default bf16)")
+    p.add_argument("--preset", default="ci", choices=sorted(PRESETS), help="model/run size (default ci)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and rounding noise")
+    p.add_argument("--out", default=None, help="output directory (default runs/<recipe>-<preset>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--corpus", default=None, metavar="PATH",
+                   help="a text file to train on (default: the Python standard library's source)")
+    p.add_argument("--hp-final-fraction", dest="hp_final_fraction", type=_fraction,
+                   default=None, help="run the last FRACTION of the steps in high precision (NVIDIA's remedy)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="fake-quant implementation (all give identical numbers; auto = compiled if possible)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between validation losses")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.corpus is not None and not Path(args.corpus).is_file():
+        parser.error(f"argument --corpus: {args.corpus!r} does not exist or is not a file")
+    out = args.out or f"runs/{args.recipe}-{args.preset}-s{args.seed}"
+    if args.resume and not (Path(out) / CHECKPOINT_FILE).is_file():
+        parser.error(f"argument --resume: no checkpoint at {Path(out) / CHECKPOINT_FILE}")
+    try:
+        result = run_training(args.recipe, args.preset, steps=args.steps, seed=args.seed, out=out,
+                              resume=args.resume, corpus=args.corpus, backend=args.backend,
+                              hp_final_fraction=args.hp_final_fraction, device=args.device,
+                              eval_every=args.eval_every, progress=not args.no_progress, log=print)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("corpus "):
+            parser.error(f"argument --corpus: {msg}")
+        parser.error(msg)
+    med = sorted(result.step_ms)[len(result.step_ms) // 2] if result.step_ms else float("nan")
+    print(f"metrics: {Path(out) / 'metrics.jsonl'}; median step {med:.0f} ms")
+    print(f"{FINAL_LINE_PREFIX}{result.final_val_loss:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

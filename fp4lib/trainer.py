@@ -1,0 +1,406 @@
+"""A small, model-agnostic training loop (in the spirit of minGPT's ``trainer.py``).
+
+:class:`Trainer` knows nothing about the model: it calls a loss function on
+batches drawn from a data object, and takes care of the rest --
+
+* seeding, and the device (CUDA when available, else the CPU) and precision
+  (BF16 autocast on CUDA, FP32 on the CPU);
+* AdamW (weight decay on tensors of two or more dimensions), linear warmup then
+  cosine decay of the learning rate, gradient-norm clipping;
+* periodic validation loss on fixed batches (the same for every run, so runs can
+  be compared pairwise);
+* a tqdm progress bar with the loss and tokens/s, and metrics as JSON lines
+  (``metrics.jsonl``);
+* checkpoints (``ckpt.pt``: model, optimizer, data-sampler and RNG states, loss
+  history) and resume: a resumed run reproduces the uninterrupted run's losses;
+* a divergence guard: a NaN/Inf loss or gradient norm, or a loss above
+  ``blowup_factor`` times the best loss so far, stops training with
+  :class:`TrainingDiverged` naming the step, before the optimizer step and
+  without overwriting the last good checkpoint.
+
+Chapter 5 of the book uses it through :mod:`fp4lib.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "TrainingDiverged", "lr_at", "default_loss",
+           "resolve_device", "METRICS_FILE", "CHECKPOINT_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "ckpt.pt"
+EVAL_SEED = 1234  # the validation batches are the same in every run
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped by the divergence guard. ``step`` and ``loss`` say where."""
+
+    def __init__(self, message: str, step: int, loss: float, checkpoint: Optional[str] = None):
+        super().__init__(message)
+        self.step = step
+        self.loss = loss
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings (model and data sizes live elsewhere).
+
+    Steps are numbered from 1; step ``s`` uses the learning rate :func:`lr_at`.
+    ``eval_every`` / ``ckpt_every``: evaluate / checkpoint after every that many
+    steps and after the last one (0: only after the last). ``out_dir=None``
+    writes nothing (no metrics, no checkpoints).
+    """
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    seed: int = 0
+    out_dir: Optional[str] = None
+    device: str = "auto"
+    precision: str = "auto"
+    blowup_factor: Optional[float] = 3.0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr!r}, min_lr={self.min_lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.blowup_factor is not None and not self.blowup_factor > 1:
+            raise ValueError(f"blowup_factor must be > 1 or None, got {self.blowup_factor!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of step ``step`` (1-based): linear warmup, then cosine from ``lr`` to ``min_lr``.
+
+    Examples
+    --------
+    >>> cfg = TrainConfig(steps=100, lr=1.0, min_lr=0.0, warmup_steps=10)
+    >>> [round(lr_at(s, cfg), 3) for s in (1, 10, 55, 100)]
+    [0.1, 1.0, 0.5, 0.0]
+    """
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / decay_steps, 1.0)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def default_loss(model: nn.Module, batch: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``model(*batch)`` returning ``(logits, loss)``: the loss."""
+    return model(*batch)[1]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``train_losses[i]`` is the loss of step ``i + 1``;
+    ``val_losses`` holds ``(step, loss)`` pairs; ``step_ms`` the wall time of each
+    step (milliseconds, evaluation excluded)."""
+
+    final_val_loss: float
+    train_losses: List[float]
+    val_losses: List[Tuple[int, float]]
+    step_ms: List[float]
+    steps: int
+    out_dir: Optional[str] = None
+    resumed_from: Optional[int] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Train ``model`` on batches from ``train_data``; validate on ``val_data``.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module``; moved to the chosen device.
+    train_data, val_data:
+        Objects with ``sample(batch_size, generator) -> tuple of tensors`` (e.g.
+        :class:`fp4lib.data.TokenWindows`).
+    config:
+        :class:`TrainConfig`.
+    loss_fn:
+        ``loss_fn(model, batch) -> 0-d loss tensor``; default :func:`default_loss`.
+    hooks:
+        Callables ``hook(trainer, step)`` run before each training step (e.g. the
+        switch to high precision for the final stretch). They must depend only on
+        the step, so that resuming replays them.
+    run_info:
+        JSON-serialisable facts about the run (recipe, model size, corpus hash),
+        written to the metrics file and the checkpoint.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib.data import TokenWindows
+    >>> from fp4lib.model import GPT, GPTConfig
+    >>> torch.manual_seed(0) and None
+    >>> data = TokenWindows(torch.randint(0, 8, (2000,), dtype=torch.uint8), block_size=16)
+    >>> model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
+    >>> cfg = TrainConfig(steps=20, batch_size=8, warmup_steps=2, eval_every=0, progress=False)
+    >>> result = Trainer(model, data, data, cfg).train()
+    >>> result.train_losses[-1] < result.train_losses[0]
+    True
+    """
+
+    def __init__(self, model: nn.Module, train_data, val_data, config: TrainConfig,
+                 loss_fn: Callable = default_loss, hooks: Sequence[Callable] = (), run_info: Optional[dict] = None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_data = train_data
+        self.val_data = val_data
+        self.loss_fn = loss_fn
+        self.hooks = list(hooks)
+        self.run_info = dict(run_info or {})
+        precision = config.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        torch.manual_seed(config.seed)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(config.beta1, config.beta2),
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        self.step = 0
+        self.best_loss = math.inf
+        self.train_losses: List[float] = []
+        self.val_losses: List[Tuple[int, float]] = []
+        self.step_ms: List[float] = []
+        self._val_batches = None
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.out_dir / CHECKPOINT_FILE if self.out_dir else None
+
+    @property
+    def metrics_path(self) -> Optional[Path]:
+        return self.out_dir / METRICS_FILE if self.out_dir else None
+
+    def _log(self, record: dict) -> None:
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_batches`` fixed validation batches (model in eval mode)."""
+        if self._val_batches is None:
+            g = torch.Generator().manual_seed(EVAL_SEED)
+            self._val_batches = [self.val_data.sample(self.config.batch_size, g)
+                                 for _ in range(self.config.eval_batches)]
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        with self._autocast():
+            for batch in self._val_batches:
+                total += float(self.loss_fn(self.model, self._to_device(batch)))
+        self.model.train(was_training)
+        return total / len(self._val_batches)
+
+    def save_checkpoint(self) -> None:
+        """Write ``ckpt.pt`` atomically (a temporary file, then a rename)."""
+        if self.checkpoint_path is None:
+            return
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_generator": self.data_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "best_loss": self.best_loss,
+            "history": {"train_losses": self.train_losses, "val_losses": self.val_losses, "step_ms": self.step_ms},
+            "config": dataclasses.asdict(self.config),
+            "run_info": self.run_info,
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self, path: Optional[str] = None) -> int:
+        """Restore everything from a checkpoint; returns its step."""
+        path = Path(path) if path else self.checkpoint_path
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data_generator.set_state(state["data_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.best_loss = float(state["best_loss"])
+        hist = state["history"]
+        self.train_losses = list(hist["train_losses"])
+        self.val_losses = [tuple(v) for v in hist["val_losses"]]
+        self.step_ms = list(hist["step_ms"])
+        return self.step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics lines written after ``step`` (by a run that went on past its checkpoint)."""
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+
+    def _diverged(self, step: int, loss: float, reason: str) -> TrainingDiverged:
+        ckpt = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written"
+        msg = f"training diverged at step {step}: {reason} (loss {loss}); {where}"
+        self._log({"step": step, "event": "diverged", "loss": loss if math.isfinite(loss) else str(loss),
+                   "reason": reason})
+        return TrainingDiverged(msg, step=step, loss=loss, checkpoint=str(ckpt) if ckpt else None)
+
+    # ------------------------------------------------------------------ training
+    def train(self, resume: bool = False) -> TrainResult:
+        """Run (or, with ``resume=True``, continue) training to ``config.steps``.
+
+        Raises :class:`TrainingDiverged` from the divergence guard and
+        ``FileNotFoundError`` when ``resume`` finds no checkpoint.
+        """
+        cfg = self.config
+        resumed_from = None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            resumed_from = self.load_checkpoint()
+            self._truncate_metrics(resumed_from)
+            self._log({"step": resumed_from, "event": "resume"})
+        elif self.metrics_path is not None:
+            if self.checkpoint_path.exists():  # a previous run's: not a good checkpoint of this one
+                self.checkpoint_path.unlink()
+            self.metrics_path.write_text("")
+            self._log({"step": 0, "event": "start", "config": dataclasses.asdict(cfg), "run_info": self.run_info,
+                       "device": str(self.device), "precision": self.precision})
+        self.model.train()
+        tokens_per_step = None
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, file=sys.stderr,
+                       dynamic_ncols=True, desc=self.run_info.get("recipe", "train"))
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            bar = None
+        try:
+            while self.step < cfg.steps:
+                step = self.step + 1
+                for hook in self.hooks:
+                    hook(self, step)
+                t0 = time.perf_counter()
+                batch = self._to_device(self.train_data.sample(cfg.batch_size, self.data_generator))
+                if tokens_per_step is None:
+                    tokens_per_step = batch[0].numel()
+                with self._autocast():
+                    loss = self.loss_fn(self.model, batch)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise self._diverged(step, loss_value, "the loss is not finite")
+                if cfg.blowup_factor is not None and loss_value > cfg.blowup_factor * self.best_loss:
+                    raise self._diverged(step, loss_value,
+                                         f"the loss exceeds {cfg.blowup_factor} x the best loss so far ({self.best_loss:.4f})")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise self._diverged(step, loss_value, "the gradient norm is not finite")
+                lr = lr_at(step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) * 1e3
+                self.step = step
+                self.best_loss = min(self.best_loss, loss_value)
+                self.train_losses.append(loss_value)
+                self.step_ms.append(ms)
+                tok_s = tokens_per_step / (ms / 1e3)
+                self._log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_ms": ms,
+                           "tokens_per_s": tok_s})
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    val = self.evaluate()
+                    self.val_losses.append((step, val))
+                    self._log({"step": step, "val_loss": val})
+                if bar is not None:
+                    post = {"loss": f"{loss_value:.4f}", "tok/s": f"{tok_s:,.0f}"}
+                    if self.val_losses:
+                        post["val"] = f"{self.val_losses[-1][1]:.4f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if not self.val_losses or self.val_losses[-1][0] != self.step:
+            val = self.evaluate()  # resumed at the end, or a run of zero new steps
+            self.val_losses.append((self.step, val))
+        return TrainResult(
+            final_val_loss=self.val_losses[-1][1],
+            train_losses=list(self.train_losses),
+            val_losses=list(self.val_losses),
+            step_ms=list(self.step_ms),
+            steps=self.step,
+            out_dir=str(self.out_dir) if self.out_dir else None,
+            resumed_from=resumed_from,
+            info=dict(self.run_info, device=str(self.device), precision=self.precision),
+        )
