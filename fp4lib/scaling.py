@@ -524,7 +524,10 @@ def quantize(
         ``torch.Generator`` for stochastic rounding.
     double_quant:
         bitsandbytes schemes only: quantize the absmax values to 8 bits in groups
-        of 256 (bitsandbytes' ``compress_statistics=True``).
+        of 256 (bitsandbytes' ``compress_statistics=True``). The 4-bit codes,
+        offset and second-level absmax equal bitsandbytes'; each 8-bit absmax code
+        is the exact nearest entry of the dynamic map, whereas bitsandbytes' CPU
+        search lands one entry off for roughly 0.1% of them.
     scale_rule:
         MXFP4 only: ``"floor"`` (OCP) or ``"ceil"`` (never clips).
     tile:
