@@ -14,15 +14,15 @@ STAMP := $(VENV)/.installed
 QUIET_PIP := grep -v "^WARNING: Location" || true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 
-.PHONY: help venv book test unit nbval build-book browser-check experiments-check experiments benchmark chromium clean
+.PHONY: help venv book test unit nbval build-book browser-check experiments-check experiments benchmark chromium notebooks clean
 
 help:
 	@echo "make book         build the executed book into _build/html"
 	@echo "make test         unit tests, doctests, notebook checks, book build, browser check"
 	@echo "make experiments  run the full training study (slow) and store its results"
 	@echo "make benchmark    quantize speed benchmark -> benchmarks/RESULTS.md"
+	@echo "make notebooks    re-execute the chapters and store their outputs"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,9 +40,10 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+# Always from scratch (--all and no cache): every chapter runs on the current code.
 build-book: venv
-	rm -rf _build/html
-	$(VENV)/bin/jupyter-book build . -W --keep-going
+	rm -rf _build
+	$(VENV)/bin/jupyter-book build . --all -W --keep-going
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 book: build-book
@@ -71,6 +72,10 @@ experiments: venv
 
 benchmark: venv
 	$(PY) benchmarks/quantize.py
+
+# Re-execute every chapter and store its outputs in the .ipynb (what nbval compares).
+notebooks: venv
+	$(PY) tests/store_outputs.py
 
 clean:
 	rm -rf _build

@@ -127,8 +127,10 @@ class Table:
         Each row a sequence of values (same length as ``columns``) or a mapping
         from column header to value.
     formats:
-        Optional format string per column, e.g. ``{"rel. MSE": "{:.4f}"}``. Floats
-        without one use ``"{:.4g}"``; everything else uses ``str``.
+        Optional format string per column, e.g. ``{"rel. MSE": "{:.4f}"}``.
+    float_format:
+        Format of floats in columns without an entry in ``formats`` (default
+        ``"{:.4g}"``); other values use ``str``.
     caption:
         Optional caption shown above the table.
 
@@ -148,6 +150,7 @@ class Table:
         rows: Iterable[object],
         formats: Optional[Mapping[str, str]] = None,
         caption: Optional[str] = None,
+        float_format: str = "{:.4g}",
     ):
         self.columns: List[str] = [str(c) for c in columns]
         if not self.columns:
@@ -157,6 +160,7 @@ class Table:
         if unknown:
             raise ValueError(f"formats names unknown column(s) {sorted(unknown)}; columns are {self.columns}")
         self.caption = caption
+        self.float_format = float_format
         self.rows: List[List[object]] = []
         for i, row in enumerate(rows):
             if isinstance(row, Mapping):
@@ -175,7 +179,7 @@ class Table:
         if fmt is not None:
             return fmt.format(value)
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
-            return "{:.4g}".format(value)
+            return self.float_format.format(value)
         return str(value)
 
     def cells(self) -> List[List[str]]:
