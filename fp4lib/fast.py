@@ -1,25 +1,29 @@
-"""The fake-quantize fast path for FP4 training: one fused, compilable function.
+"""The fake-quantize fast path for FP4 training: a fused, compilable formulation.
 
 Simulated FP4 training (chapter 4) spends all its extra time in
 quantize -> dequantize ("fake quant") of the GEMM operands; the GEMMs themselves are
 unchanged. :func:`fake_quant_fused` writes the whole of it -- amax, scales,
-rounding (nearest or stochastic), decode -- as one chain of elementwise operations
-and block reductions, so that ``torch.compile`` turns each call into a single loop
-nest. Three choices keep it fast:
+rounding (nearest or stochastic), decode -- as block reductions plus elementwise
+operations that ``torch.compile`` turns into two loop nests per operand. What
+keeps it fast:
 
 * **Blocks along any axis without a copy.** A 2-D operand ``(rows, cols)`` blocked
   along axis 0 (the token axis of the Wgrad GEMM) is viewed as
   ``(rows // b, b, cols)`` and reduced over the middle axis; no transposed copy.
 * **Stochastic-rounding noise from a hash.** The uniform draw for element ``i``
   is :func:`fp4lib.rounding.cheap_uniform`'s integer hash of ``(seed, i)``,
-  computed inside the kernel: no random-number state, and the reference path
-  can recompute the same draws.
+  computed inside the kernel in 32-bit arithmetic: no random-number state, no
+  noise tensor in memory, and the reference path recomputes the same draws.
+* **Two passes.** The block reductions (amax, scales) and the elementwise work
+  (scale, round, decode) are compiled as two kernels; fused into one loop nest
+  they ran several times slower.
 * **Rounding by comparisons.** E2M1 round-to-nearest-even is a sum of seven
   threshold tests; stochastic rounding is a floor on a power-of-two step.
 
 The slow, obviously-correct reference is :func:`fp4lib.nn.reference_fake_quant`
 (which calls :func:`fp4lib.quantize`); ``tests/test_nn.py`` checks that this path
-(eager and compiled) equals it bit for bit.
+(eager and compiled) equals it bit for bit, and ``benchmarks/train_step.py`` that
+whole training steps do.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 from .constants import E2M1_MAX, E4M3_MAX, FLOAT32_MAX, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE
 
-__all__ = ["BACKENDS", "fake_quant_fused", "hash_uniform", "compiled_fake_quant", "compile_works"]
+__all__ = ["BACKENDS", "fake_quant_fused", "hash_uniform", "seed_term", "compiled_fake_quant", "compile_works"]
 
 BACKENDS = ("reference", "fused", "compiled")
 """Ways to run an operand's fake quantization: the core-based reference, this
@@ -62,29 +66,45 @@ _BINADE_4 = 4.0
 PER_TENSOR = "e2m1_per_tensor"
 
 
-def hash_uniform(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) float32 draws for int64 element indices, as ``cheap_uniform``.
+def seed_term(seed: int) -> torch.Tensor:
+    """The seed's share of the hash, ``seed * 0x85EBCA77 mod 2**32``, as an int32 0-d tensor.
 
-    ``index``: int64 tensor of flat element indices (any shape); ``seed``: int64
-    0-d tensor (or int) in [0, 2**31). Element for element equal to
-    ``cheap_uniform(shape, seed)`` at the same indices, but written so that
-    ``torch.compile`` can fuse it into the kernel that uses the draws.
+    Computed once per call in Python, so that the kernel is not re-specialised
+    for every step's seed and needs no 64-bit multiplies.
+    """
+    t = (int(seed) * _SEED_MUL) & _MASK32
+    return torch.tensor(t - (1 << 32) if t >= (1 << 31) else t, dtype=torch.int32)
+
+
+def _wrap32(c: int) -> int:
+    """A 32-bit constant as the int32 with the same bits."""
+    return c - (1 << 32) if c >= (1 << 31) else c
+
+
+def hash_uniform(index: torch.Tensor, seed_t: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws for int32 element indices, equal to ``cheap_uniform``'s.
+
+    ``index``: int32 tensor of flat element indices (any shape, values below
+    2**31); ``seed_t``: :func:`seed_term` of the seed. The hash of
+    :func:`fp4lib.rounding.cheap_uniform` in wrapping 32-bit integer arithmetic
+    (logical shifts written as arithmetic shifts plus masks), which vectorizes
+    on CPUs without 64-bit multiplies and fuses into the kernel that uses the draws.
 
     Examples
     --------
     >>> import torch
     >>> from fp4lib.rounding import cheap_uniform
-    >>> idx = torch.arange(8)
-    >>> torch.equal(hash_uniform(idx, torch.tensor(5)), cheap_uniform((8,), 5))
+    >>> idx = torch.arange(8, dtype=torch.int32)
+    >>> torch.equal(hash_uniform(idx, seed_term(5)), cheap_uniform((8,), 5))
     True
     """
-    h = (index * _GOLDEN + seed * _SEED_MUL) & _MASK32
-    h = h ^ (h >> 16)
-    h = (h * _MUL1) & _MASK32
-    h = h ^ (h >> 15)
-    h = (h * _MUL2) & _MASK32
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * _U24
+    h = index * _wrap32(_GOLDEN) + seed_t
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _wrap32(_MUL1)
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _wrap32(_MUL2)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * _U24
 
 
 def _round_nearest(s: torch.Tensor) -> torch.Tensor:
@@ -125,25 +145,83 @@ def _block_view(x: torch.Tensor, axis: int, block: int, tile: bool):
     return x.view(rows // block, block, cols), (1,)
 
 
+def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str):
+    """Stage 1 (reductions): ``(enc, dec_block, dec_tensor, finite)`` for :func:`_stage_apply`.
+
+    Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). MXFP4:
+    ``2^-e`` and ``2^e`` per block. NVFP4: ``s_enc_b``, ``s_dec_b`` per block and
+    the tensor's ``s_dec``. Block tensors have the block view's shape with the
+    reduced axes kept as size 1. ``finite``: 0-d bool, False when x holds NaN/Inf.
+    """
+    amax = x.abs().amax()
+    finite = torch.isfinite(amax)
+    if scheme == PER_TENSOR:
+        scale = torch.where(amax > 0, amax / E2M1_MAX, 1.0)
+        return scale, scale, None, finite
+    block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+    v, dims = _block_view(x, axis, block, tile)
+    amax_b = v.abs().amax(dim=dims, keepdim=True)
+    if scheme == "mxfp4":
+        # floor(log2(amax_b)) from the float32 exponent field; subnormal and zero
+        # blocks come out below -127 and are clamped, as with frexp.
+        e = ((amax_b.view(torch.int32) >> 23) & 0xFF) - 127 - 2
+        e = e.clamp(-127, 127)
+        if scale_rule == "ceil":
+            e = e + (amax_b * _pow2_bits(-e) > E2M1_MAX).to(torch.int32)
+        e = torch.where(amax_b > 0, e, -127).clamp(-127, 127)
+        return _pow2_bits(-e), _pow2_bits(e + 1) * 0.5, None, finite  # 2^-e, 2^e (down to 2^-127)
+    # A true division, as scaling.py does (a number over a tensor is a product with the reciprocal).
+    s_enc = torch.where(amax > 0, torch.full_like(amax, E2M1_MAX * E4M3_MAX) / amax, 1.0).clamp(max=FLOAT32_MAX)
+    s_dec = 1.0 / s_enc
+    s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn).to(torch.float32)
+    denom = s_dec_b * s_dec
+    s_enc_b = torch.where(denom > 0, 1.0 / denom, 0.0).clamp(max=FLOAT32_MAX)
+    return s_enc_b, s_dec_b, s_dec, finite
+
+
+def _stage_apply(x: torch.Tensor, enc, dec_block, dec_tensor, finite, seed_t, scheme: str, axis: int,
+                 rounding: str, tile: bool) -> torch.Tensor:
+    """Stage 2 (elementwise): scale, round, decode; NaN everywhere unless ``finite``."""
+    rows, cols = x.shape
+    if scheme == PER_TENSOR:
+        v = x
+        scaled = x / enc
+    else:
+        block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+        v = _block_view(x, axis, block, tile)[0]
+        scaled = v * enc
+    if rounding == "stochastic":
+        index = torch.arange(rows * cols, device=x.device, dtype=torch.int32).view(rows, cols)
+        if scheme != PER_TENSOR:
+            index = _block_view(index, axis, block, tile)[0]
+        q = _round_stochastic(scaled, hash_uniform(index, seed_t))
+    else:
+        q = _round_nearest(scaled)
+    out = q * dec_block
+    if dec_tensor is not None:
+        out = out * dec_tensor
+    return torch.where(finite, out.reshape(rows, cols), float("nan"))
+
+
 def fake_quant_fused(
     x: torch.Tensor,
-    seed: torch.Tensor,
+    seed_t: torch.Tensor,
     scheme: str,
     axis: int,
     rounding: str,
     tile: bool = False,
     scale_rule: str = "floor",
+    *,
+    stages=None,
 ) -> torch.Tensor:
-    """Fake-quantize a 2-D float32 operand in one fused pass.
+    """Fake-quantize a 2-D float32 operand in two passes: block scales, then elementwise.
 
     Parameters
     ----------
     x:
-        float32, shape ``(rows, cols)``, contiguous.
-    seed:
-        int64 0-d tensor in [0, 2**31): the stochastic-rounding seed (ignored for
-        ``"nearest"``). A tensor, so that a compiled kernel is not re-specialised
-        for every step's seed.
+        float32, shape ``(rows, cols)``, contiguous, fewer than 2**31 elements.
+    seed_t:
+        :func:`seed_term` of the stochastic-rounding seed (ignored for ``"nearest"``).
     scheme:
         ``"e2m1_per_tensor"`` (one absmax/6 scale for the whole tensor),
         ``"mxfp4"`` (E2M1 + E8M0 scale per 32) or ``"nvfp4"`` (E2M1 + E4M3 scale
@@ -154,53 +232,31 @@ def fake_quant_fused(
         ``"nearest"`` (ties to even) or ``"stochastic"``.
     tile, scale_rule:
         NVFP4 16x16 tiles; MXFP4 scale rule ``"floor"`` (OCP) or ``"ceil"``.
+    stages:
+        ``(scales_fn, apply_fn)`` to run instead of the two eager stages (the
+        compiled ones, see :func:`compiled_fake_quant`).
 
     Returns
     -------
     torch.Tensor
         float32, shape ``(rows, cols)``: the dequantized values. Any NaN or
         +-Inf in ``x`` makes the whole result NaN (as a GEMM on it would be).
+
+    The two stages are compiled separately on purpose: fused into one loop nest
+    with the block reductions, the elementwise work ran several times slower.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4])
+    >>> fake_quant_fused(x, seed_term(0), "e2m1_per_tensor", 1, "nearest")[0, :4].tolist()
+    [0.5, -1.0, 3.0, 6.0]
     """
-    rows, cols = x.shape
-    amax = x.abs().amax()
-    if rounding == "stochastic":
-        index = torch.arange(rows * cols, device=x.device, dtype=torch.int64).view(rows, cols)
-    if scheme == PER_TENSOR:
-        scale = torch.where(amax > 0, amax / E2M1_MAX, 1.0)
-        scaled = x / scale
-        if rounding == "stochastic":
-            q = _round_stochastic(scaled, hash_uniform(index, seed))
-        else:
-            q = _round_nearest(scaled)
-        out = q * scale
-    else:
-        block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
-        v, dims = _block_view(x, axis, block, tile)
-        amax_b = v.abs().amax(dim=dims, keepdim=True)
-        if rounding == "stochastic":
-            u = hash_uniform(_block_view(index, axis, block, tile)[0], seed)
-        if scheme == "mxfp4":
-            # floor(log2(amax_b)) from the float32 exponent field; subnormal and zero
-            # blocks come out below -127 and are clamped, as frexp would give.
-            e = ((amax_b.view(torch.int32) >> 23) & 0xFF) - 127 - 2
-            e = e.clamp(-127, 127)
-            if scale_rule == "ceil":
-                e = e + (amax_b * _pow2_bits(-e) > E2M1_MAX).to(torch.int32)
-            e = torch.where(amax_b > 0, e, -127).clamp(-127, 127)
-            scaled = v * _pow2_bits(-e)
-            q = _round_stochastic(scaled, u) if rounding == "stochastic" else _round_nearest(scaled)
-            out = q * (_pow2_bits(e + 1) * 0.5)  # 2^e, down to the subnormal 2^-127
-        else:
-            s_enc = torch.where(amax > 0, (E2M1_MAX * E4M3_MAX) / amax, 1.0).clamp(max=FLOAT32_MAX)
-            s_dec = 1.0 / s_enc
-            s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn).to(torch.float32)
-            denom = s_dec_b * s_dec
-            s_enc_b = torch.where(denom > 0, 1.0 / denom, 0.0).clamp(max=FLOAT32_MAX)
-            scaled = v * s_enc_b
-            q = _round_stochastic(scaled, u) if rounding == "stochastic" else _round_nearest(scaled)
-            out = (q * s_dec_b) * s_dec
-        out = out.reshape(rows, cols)
-    return torch.where(torch.isfinite(amax), out, float("nan"))
+    if x.numel() >= 2**31:
+        raise ValueError(f"x has {x.numel()} elements; the fused path indexes them with int32 (< 2**31)")
+    scales_fn, apply_fn = stages or (_stage_scales, _stage_apply)
+    enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule)
+    return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,14 +270,35 @@ def compile_works() -> bool:
 
 
 # Each (scheme, axis, rounding, tile, scale_rule) combination and operand shape
-# is its own specialisation; a recipe needs a few dozen.
+# is its own static specialisation (a recipe needs a few dozen): dynamic shapes
+# compiled no faster here and ran the nvfp4 step about 2x slower.
 _RECOMPILE_LIMIT = 128
+
+
+class _CompiledFakeQuant:
+    """:func:`fake_quant_fused` with both stages compiled; falls back to the eager
+    stages (same results), with one warning, if compiling fails for a device --
+    e.g. Triton without float8 conversions on GPUs older than compute capability 8.9."""
+
+    def __init__(self):
+        self.stages = (torch.compile(_stage_scales, dynamic=False), torch.compile(_stage_apply, dynamic=False))
+        self.failed_devices = set()
+
+    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule="floor"):
+        if x.device.type not in self.failed_devices:
+            try:
+                return fake_quant_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, stages=self.stages)
+            except Exception as e:  # pragma: no cover - depends on the compiler toolchain
+                self.failed_devices.add(x.device.type)
+                warnings.warn(f"compiling the FP4 fake-quant kernels failed on {x.device.type} "
+                              f"({type(e).__name__}: {str(e)[:200]}); using the eager fused path there")
+        return fake_quant_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule)
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_fake_quant() -> Callable:
-    """:func:`fake_quant_fused` under ``torch.compile``, or the eager function with
-    a warning when compiling does not work here.
+    """:func:`fake_quant_fused` with both stages under ``torch.compile``, or the
+    eager function with a warning when compiling does not work here.
 
     The first call for each operand shape and spec compiles (seconds on a CPU;
     inductor caches the kernels on disk for later processes).
@@ -234,4 +311,4 @@ def compiled_fake_quant() -> Callable:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
-    return torch.compile(fake_quant_fused, dynamic=False)
+    return _CompiledFakeQuant()

@@ -28,16 +28,15 @@ Three interchangeable ways compute an operand's fake quantization (``backend``):
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .constants import E2M1_MAX, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE
-from .fast import BACKENDS, PER_TENSOR, compile_works, compiled_fake_quant, fake_quant_fused
+from .fast import BACKENDS, PER_TENSOR, compile_works, compiled_fake_quant, fake_quant_fused, seed_term
 from .formats import E2M1
 from .hadamard import HADAMARD_SIZES, block_hadamard, hadamard_matrix
 from .packing import pack_nibbles
@@ -412,7 +411,7 @@ def fake_quant_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 
     if backend == "reference":
         return reference_fake_quant(x, spec, axis, seed)
     fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
-    seed_t = torch.tensor(seed, dtype=torch.int64, device=x.device)
+    seed_t = seed_term(seed).to(x.device, non_blocking=True)
     return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule)
 
 

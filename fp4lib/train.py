@@ -15,12 +15,14 @@ Sizes (:data:`PRESETS`):
 
 * ``ci`` -- the book's CPU run: GPT d=128, 4 layers, 4 heads, context 128, batch 32
   (0.84M parameters, 4,096 tokens per step), AdamW 3e-3, 400 steps, the first
-  8 MiB of the standard-library corpus. About 0.25 s per step in FP32 on the
-  book's 2-core machine (1.5 min per run), more with simulated FP4.
+  8 MiB of the standard-library corpus. About 0.25-0.5 s per step in FP32 on
+  the book's 2-core machine (2-3 minutes per run); the compiled nvfp4 step is
+  about 1.4-1.5x that (``benchmarks/RESULTS.md``).
 * ``gpu`` -- about 10x larger (Colab or one GPU): d=384, 6 layers, 6 heads,
   context 256, batch 64 (10.8M parameters, 16,384 tokens per step), AdamW 1e-3,
-  2,000 steps, the whole standard-library corpus. 2,000 steps are about 2.2e15
-  FLOPs; see :data:`GPU_RUNTIME_NOTE` for measured and expected times.
+  2,000 steps, the whole standard-library corpus: about 2.3e15 training FLOPs,
+  estimated at 1-3 minutes on an A100/H100 and 10-20 on a Colab T4 in FP32
+  (:data:`GPU_RUNTIME_NOTE`).
 * ``tiny`` -- for tests and smoke runs: d=32, 2 layers, context 32, batch 8.
 """
 
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +88,11 @@ PRESETS = {
 }
 
 GPU_RUNTIME_NOTE = (
-    "gpu preset, 2,000 steps (32.8M tokens, about 2.2e15 FLOPs): expected a few minutes in BF16 on an "
-    "A100/H100 and roughly 10-20 minutes on a Colab T4; the simulated FP4 recipes add the fake-quantization "
-    "passes (memory-bound elementwise work), typically 1.5-3x the BF16 step."
+    "gpu preset, 2,000 steps of 64 x 256 tokens (32.8M tokens, about 2.3e15 training FLOPs). Estimated from the "
+    "FLOPs, not measured: in BF16 on an A100 or H100 about 1-3 minutes (matmuls this small keep a GPU far below "
+    "its peak); a Colab T4 has no BF16 tensor cores, so 'auto' precision trains in FP32 there (about 8 TFLOP/s "
+    "peak): about 10-20 minutes. The simulated FP4 recipes add the fake-quantization passes (memory-bound "
+    "elementwise kernels), typically 1.5-3x the BF16 step."
 )
 
 
@@ -235,6 +238,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fake-quant implementation (all give identical numbers; auto = compiled if possible)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between validation losses")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice); results can depend on it in the last bits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -245,6 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.corpus is not None and not Path(args.corpus).is_file():
         parser.error(f"argument --corpus: {args.corpus!r} does not exist or is not a file")
     out = args.out or f"runs/{args.recipe}-{args.preset}-s{args.seed}"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resume and not (Path(out) / CHECKPOINT_FILE).is_file():
         parser.error(f"argument --resume: no checkpoint at {Path(out) / CHECKPOINT_FILE}")
     try:

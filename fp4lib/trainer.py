@@ -4,7 +4,7 @@
 batches drawn from a data object, and takes care of the rest --
 
 * seeding, and the device (CUDA when available, else the CPU) and precision
-  (BF16 autocast on CUDA, FP32 on the CPU);
+  (BF16 autocast on GPUs with BF16 tensor cores, else FP32: the CPU, a Colab T4);
 * AdamW (weight decay on tensors of two or more dimensions), linear warmup then
   cosine decay of the learning rate, gradient-norm clipping;
 * periodic validation loss on fixed batches (the same for every run, so runs can
@@ -60,6 +60,8 @@ class TrainConfig:
     """Optimisation and bookkeeping settings (model and data sizes live elsewhere).
 
     Steps are numbered from 1; step ``s`` uses the learning rate :func:`lr_at`.
+    ``precision``: ``"auto"`` (BF16 autocast on a GPU with BF16 tensor cores, else
+    FP32), ``"fp32"`` or ``"bf16"``.
     ``eval_every`` / ``ckpt_every``: evaluate / checkpoint after every that many
     steps and after the last one (0: only after the last). ``out_dir=None``
     writes nothing (no metrics, no checkpoints).
@@ -122,6 +124,13 @@ def default_loss(model: nn.Module, batch: Tuple[torch.Tensor, ...]) -> torch.Ten
     return model(*batch)[1]
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """True on CUDA GPUs with BF16 tensor cores (compute capability 8.0+: A100, H100, L4...).
+
+    A Colab T4 (7.5) has none, so "auto" precision trains in FP32 there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"``: CUDA when available, else the CPU; anything else as given."""
     if device == "auto":
@@ -175,7 +184,8 @@ class Trainer:
     >>> torch.manual_seed(0) and None
     >>> data = TokenWindows(torch.randint(0, 8, (2000,), dtype=torch.uint8), block_size=16)
     >>> model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
-    >>> cfg = TrainConfig(steps=20, batch_size=8, warmup_steps=2, eval_every=0, progress=False)
+    >>> cfg = TrainConfig(steps=8, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=0, eval_batches=1,
+    ...                   progress=False)
     >>> result = Trainer(model, data, data, cfg).train()
     >>> result.train_losses[-1] < result.train_losses[0]
     True
@@ -195,7 +205,7 @@ class Trainer:
         self.run_info = dict(run_info or {})
         precision = config.precision
         if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+            precision = "bf16" if _native_bf16(self.device) else "fp32"
         self.precision = precision
         torch.manual_seed(config.seed)
         self.data_generator = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,122 @@
+"""The study runner (fp4lib.experiments): provenance, staleness, re-run check, summaries."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp4lib import experiments as ex
+from fp4lib.recipes import RECIPES
+from fp4lib.train import PRESETS, make_parser
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run faster on one thread, and the CI machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = [ex.Run("tiny_nvfp4", "nvfp4", steps=3, preset="tiny", study="repro"),
+        ex.Run("tiny_bf16", "bf16", steps=2, preset="tiny", study="main")]
+
+
+@pytest.fixture
+def tiny_study(monkeypatch, tmp_path):
+    monkeypatch.setattr(ex, "STUDY", TINY)
+    results = tmp_path / "results"
+    for run in TINY:
+        ex.run_experiment(run, results, tmp_path / "runs", backend="fused", progress=False)
+    return results
+
+
+def test_study_is_well_formed():
+    names = [r.name for r in ex.STUDY]
+    assert len(names) == len(set(names)) and ex.REPRO_RUN in names
+    assert all(r.recipe in RECIPES and r.preset in PRESETS for r in ex.STUDY)
+    seeds = {r.recipe: {x.seed for x in ex.STUDY if x.recipe == r.recipe and x.study == "main"} for r in ex.STUDY}
+    assert all(len(seeds[k]) >= 2 for k in ("bf16", "fp4_naive", "mxfp4", "nvfp4"))
+    for run in ex.STUDY:  # every stored command is a valid CLI call
+        args = make_parser().parse_args(run.command().split()[3:])
+        assert (args.recipe, args.steps, args.seed) == (run.recipe, run.steps, run.seed)
+
+
+def test_code_hash_ignores_docs_but_not_code(tmp_path):
+    pkg = Path(ex.__file__).parent
+    copy = tmp_path / "pkg"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = ex.code_hash(package_dir=copy)
+    assert base == ex.code_hash()
+    nn_py = copy / "nn.py"
+    text = nn_py.read_text()
+    nn_py.write_text(text.replace('"""FP4 linear layers', '"""FP4 linear layers (edited docs)', 1) + "\n# a comment\n")
+    assert ex.code_hash(package_dir=copy) == base
+    nn_py.write_text(text.replace("_EVAL_CALL = -1", "_EVAL_CALL = -2"))
+    assert ex.code_hash(package_dir=copy) != base
+
+
+def test_result_records_provenance(tiny_study):
+    rec = json.loads((tiny_study / "tiny_nvfp4.json").read_text())
+    assert rec["definition"] == TINY[0].definition()
+    assert len(rec["train_losses"]) == 3 and rec["val_losses"][-1][0] == 3
+    assert rec["final_val_loss"] == rec["val_losses"][-1][1]
+    assert rec["code_hash"] == ex.code_hash() and len(rec["corpus"]["sha256"]) == 64
+    assert rec["command"].startswith("python -m fp4lib.train --recipe nvfp4 --preset tiny --steps 3 --seed 0")
+    assert {"cpu", "cores", "torch_threads", "python", "torch"} <= set(rec["machine"])
+    assert rec["seed"] == 0 and rec["torch"] == torch.__version__
+
+
+def test_stale_results_are_named(tiny_study):
+    assert ex.stale_results(TINY, tiny_study) == {}
+    path = tiny_study / "tiny_bf16.json"
+    rec = json.loads(path.read_text())
+    rec["code_hash"] = "0" * 64
+    path.write_text(json.dumps(rec))
+    (tiny_study / "tiny_nvfp4.json").unlink()
+    stale = ex.stale_results(TINY, tiny_study)
+    assert stale["tiny_nvfp4"] == "missing" and "made by other code" in stale["tiny_bf16"]
+
+
+def test_check_passes_when_fresh_and_reproduced(tiny_study, capsys):
+    code = ex.main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"])
+    out = capsys.readouterr().out
+    assert code == 0 and "re-ran tiny_nvfp4: losses reproduce exactly" in out
+
+
+def test_check_fails_on_stale_or_changed_results(tiny_study, capsys):
+    path = tiny_study / "tiny_nvfp4.json"
+    rec = json.loads(path.read_text())
+    rec["train_losses"][1] += 1e-3
+    path.write_text(json.dumps(rec))
+    assert ex.main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]) == 1
+    assert "differing from the stored ones by up to 0.001" in capsys.readouterr().err
+    rec["code_hash"] = "f" * 64
+    path.write_text(json.dumps(rec))
+    assert ex.main(["--results", str(tiny_study), "check"]) == 1
+    err = capsys.readouterr().err
+    assert "tiny_nvfp4: made by other code" in err and "python -m fp4lib.experiments run --only tiny_nvfp4" in err
+
+
+def test_summary_and_targets():
+    def rec(recipe, seed, loss):
+        return {"definition": {"recipe": recipe, "seed": seed, "study": "main", "steps": 400}, "final_val_loss": loss}
+
+    results = {f"{r}_{s}": rec(r, s, v) for r, vals in
+               {"bf16": (2.0, 2.02), "nvfp4": (2.04, 2.05), "mxfp4": (2.09, 2.1), "fp4_naive": (3.0, 3.1)}.items()
+               for s, v in enumerate(vals)}
+    rows = {r["recipe"]: r for r in ex.summary(results)}
+    assert rows["nvfp4"]["gap_pct"] == pytest.approx([2.0, 100 * (2.05 / 2.02 - 1)])
+    assert rows["bf16"]["sd"] == pytest.approx(0.01414, abs=1e-4)
+    assert all(ex.check_targets(results).values())
+    results["nvfp4_0"]["final_val_loss"] = 2.2
+    assert not ex.check_targets(results)["nvfp4_within_4pct"]
+
+
+def test_unknown_run_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        ex.main(["run", "--only", "nope"])
+    assert "--only: unknown run(s) ['nope']" in capsys.readouterr().err

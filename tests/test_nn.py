@@ -1,0 +1,356 @@
+"""FP4Linear and operand fake quantization (fp4lib.nn, fp4lib.fast).
+
+* The fused fast path equals the core-based reference bit for bit (eager always;
+  compiled where torch.compile works).
+* FP4Linear's output and all three gradients equal an explicit reference:
+  fake-quantized operands fed to plain matmuls.
+* A disabled spec is exactly nn.Linear.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fp4lib import block_hadamard, fake_quantize
+from fp4lib.fast import compile_works, hash_uniform, seed_term
+from fp4lib.nn import (
+    ROLES,
+    FP4Linear,
+    LinearSpec,
+    QuantSpec,
+    fake_quant_operand,
+    hadamard_along,
+    hadamard_signs,
+    mix_seed,
+    reference_fake_quant,
+)
+from fp4lib.recipes import get_recipe
+from fp4lib.rounding import cheap_uniform
+
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run faster on one thread, and the CI machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SPECS = [
+    QuantSpec("e2m1_per_tensor"),
+    QuantSpec("e2m1_per_tensor", rounding="stochastic"),
+    QuantSpec("mxfp4"),
+    QuantSpec("mxfp4", rounding="stochastic"),
+    QuantSpec("mxfp4", scale_rule="ceil"),
+    QuantSpec("mxfp4", rounding="stochastic", scale_rule="ceil"),
+    QuantSpec("nvfp4"),
+    QuantSpec("nvfp4", rounding="stochastic"),
+    QuantSpec("nvfp4", tile=True),
+    QuantSpec("nvfp4", rounding="stochastic", tile=True),
+]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as float32 bit patterns (so -0.0 != +0.0), NaN == NaN."""
+    a, b = a.contiguous(), b.contiguous()
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def awkward(shape=(64, 96), seed=0) -> torch.Tensor:
+    """Rows of very different magnitudes, exact zeros, -0.0, subnormals, E2M1 ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g).mul(20).exp2().div(2**10)
+    x[:16] = 0.0
+    x[1, 5] = -0.0
+    x[2, :32] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 4)  # amax 6: every tie
+    x[3, 3] = 1e-42  # subnormal
+    x[20:36] *= 1e-30
+    return x
+
+
+# ----------------------------------------------------------------------------
+# Hash draws and the reference
+# ----------------------------------------------------------------------------
+def test_hash_uniform_equals_cheap_uniform():
+    idx = torch.arange(5000, dtype=torch.int32).view(50, 100)
+    for seed in (0, 1, 12345, 2**31 - 1):
+        assert torch.equal(hash_uniform(idx, seed_term(seed)), cheap_uniform((50, 100), seed))
+    big = torch.arange(2**31 - 1000, 2**31 - 1, dtype=torch.int32)  # the largest indices
+    assert torch.equal(hash_uniform(big, seed_term(7)), cheap_uniform((999,), 7, offset=2**31 - 1000))
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.rounding == "nearest"], ids=QuantSpec.short)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_reference_nearest_is_the_core_fake_quantize(spec, axis):
+    x = awkward()
+    ref = reference_fake_quant(x, spec, axis)
+    if spec.scheme == "e2m1_per_tensor":
+        s = x.abs().max() / 6  # one scale: amax / 6
+        grid = torch.cat([-E2M1_GRID.flip(0), E2M1_GRID]) * s
+        assert torch.isin(ref, grid).all()  # on the scaled E2M1 grid
+        nearest = (x.unsqueeze(-1) - grid).abs().min(-1).values
+        assert torch.all((ref - x).abs() == nearest)  # and the nearest point of it
+    else:
+        kw = {"tile": True} if spec.tile else {}
+        if spec.scheme == "mxfp4":
+            kw["scale_rule"] = spec.scale_rule
+        assert same_bits(ref, fake_quantize(x, spec.scheme, axis=-1 if spec.tile else axis, **kw))
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.rounding == "stochastic"], ids=QuantSpec.short)
+def test_reference_stochastic_picks_a_neighbour_of_nearest(spec):
+    """Stochastic rounding lands on the nearest value or on the grid point on the other side."""
+    x = torch.randn(32, 64)
+    axis = 1
+    rtn = reference_fake_quant(x, QuantSpec(spec.scheme, tile=spec.tile, scale_rule=spec.scale_rule), axis)
+    sr = reference_fake_quant(x, spec, axis, seed=3)
+    # Same scales, so the SR value differs from RTN by at most one grid step on x's side.
+    assert torch.all((sr - x).abs() <= (rtn - x).abs() + (sr - rtn).abs())
+    assert torch.all(torch.sign(sr - rtn) * torch.sign(x - rtn) >= 0)
+    assert not torch.equal(sr, rtn)
+
+
+def test_stochastic_rounding_is_unbiased():
+    """E2M1 stochastic rounding with the hash draws: mean over 400 seeds within 5 standard
+    errors of x, using the largest possible spread (step / 2) for the standard error.
+
+    The per-tensor scheme with amax 6 has scale 1, so x is rounded as it is."""
+    x = torch.linspace(-5.99, 5.99, 511)
+    x = torch.cat([x, torch.tensor([6.0])]).view(16, 32)
+    spec = QuantSpec("e2m1_per_tensor", rounding="stochastic")
+    n = 400
+    mean = torch.stack([fake_quant_operand(x, spec, 1, seed=s, backend="fused") for s in range(n)]).mean(0)
+    step = torch.where(x.abs() < 2, 0.5, torch.where(x.abs() < 4, 1.0, 2.0))
+    assert torch.all((mean - x).abs() <= 5 * step / (2 * math.sqrt(n)))
+    assert abs(float((mean - x).mean())) < 0.01  # no overall drift
+
+
+def test_per_tensor_scale_is_amax_over_6():
+    x = torch.tensor([[12.0, 1.0, 0.9, -3.1] * 4])
+    out = reference_fake_quant(x, QuantSpec("e2m1_per_tensor"), axis=1)
+    # scale 2: 1/2 = 0.5 -> 0.5; 0.9/2 = 0.45 -> 0.5; -3.1/2 = -1.55 -> -1.5
+    assert out[0, :4].tolist() == [12.0, 1.0, 1.0, -3.0]
+
+
+# ----------------------------------------------------------------------------
+# Fast path == reference, bit for bit
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.short)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_fused_matches_reference_bit_for_bit(spec, axis):
+    for seed in (0, 1):
+        x = awkward(seed=seed)
+        ref = reference_fake_quant(x, spec, axis, seed=seed + 10)
+        fast = fake_quant_operand(x, spec, axis, seed=seed + 10, backend="fused")
+        assert same_bits(fast, ref), (spec, axis, seed)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.short)
+def test_fused_matches_reference_on_random_tensors(spec):
+    """Random amax values: a tensor scale computed one ulp off would show here."""
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(32, 64, generator=g) * torch.rand(32, 1, generator=g).mul(20).exp2().div(2**10)
+        for axis in (0, 1):
+            ref = reference_fake_quant(x, spec, axis, seed=seed)
+            assert same_bits(fake_quant_operand(x, spec, axis, seed=seed, backend="fused"), ref), (seed, axis)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3], SPECS[7]], ids=QuantSpec.short)
+def test_nonfinite_operand_gives_all_nan_in_both_paths(bad, spec):
+    x = torch.randn(32, 64)
+    x[4, 4] = bad
+    for backend in ("reference", "fused"):
+        assert torch.isnan(fake_quant_operand(x, spec, 1, backend=backend)).all()
+
+
+@pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
+def test_compiled_matches_reference_bit_for_bit():
+    """The most involved specialisation: NVFP4 with stochastic rounding, blocks along axis 0.
+
+    Compiling takes a few seconds the first time (inductor caches it on disk);
+    ``benchmarks/train_step.py`` checks every recipe's compiled training step too."""
+    x = awkward((64, 64), seed=2)
+    spec = QuantSpec("nvfp4", rounding="stochastic")
+    ref = reference_fake_quant(x, spec, 0, seed=5)
+    assert same_bits(fake_quant_operand(x, spec, 0, seed=5, backend="compiled"), ref)
+
+
+# ----------------------------------------------------------------------------
+# Hadamard
+# ----------------------------------------------------------------------------
+def test_hadamard_along_axis0_is_block_hadamard_of_transpose():
+    x = torch.randn(64, 24)
+    s = hadamard_signs(16, 4)
+    assert torch.allclose(hadamard_along(x, 0, 16, s), block_hadamard(x.t().contiguous(), 16, s).t(), atol=1e-6)
+    assert torch.equal(hadamard_along(x.t().contiguous(), 1, 16, s), block_hadamard(x.t().contiguous(), 16, s))
+
+
+def test_hadamard_cancels_in_all_three_gemm_layouts():
+    x, w, dy = torch.randn(64, 32), torch.randn(48, 32), torch.randn(64, 48)
+    s = hadamard_signs(16, 9)
+    assert torch.allclose(hadamard_along(x, 1, 16, s) @ hadamard_along(w, 1, 16, s).t(), x @ w.t(), atol=1e-5)
+    assert torch.allclose(hadamard_along(dy, 1, 16, s) @ hadamard_along(w, 0, 16, s), dy @ w, atol=1e-5)
+    assert torch.allclose(hadamard_along(dy, 0, 16, s).t() @ hadamard_along(x, 0, 16, s), dy.t() @ x, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# FP4Linear against an explicit reference
+# ----------------------------------------------------------------------------
+def explicit_reference(x, w, b, spec: LinearSpec, call_seed: int):
+    """Y, dX, dW, db from reference_fake_quant'd operands and plain matmuls; dY = given."""
+    seeds = {r: mix_seed(call_seed, ROLES[r][2]) for r in ROLES}
+    had = {g: mix_seed(call_seed, i) for g, i in (("fprop", 6), ("dgrad", 7), ("wgrad", 8))}
+    x2 = x.reshape(-1, x.shape[-1])
+
+    def pair(a, bb, ra, rb, gemm):
+        sa, sb = getattr(spec, ra), getattr(spec, rb)
+        if sa.hadamard:
+            signs = hadamard_signs(sa.hadamard, had[gemm])
+            a = hadamard_along(a, ROLES[ra][1], sa.hadamard, signs)
+            bb = hadamard_along(bb, ROLES[rb][1], sa.hadamard, signs)
+        return (reference_fake_quant(a, sa, ROLES[ra][1], seeds[ra]),
+                reference_fake_quant(bb, sb, ROLES[rb][1], seeds[rb]))
+
+    xq, wq = pair(x2, w, "fprop_x", "fprop_w", "fprop")
+    y = F.linear(xq, wq, b)
+
+    def grads(dy):
+        dy2 = dy.reshape(-1, w.shape[0])
+        dyq, wq2 = pair(dy2, w, "dgrad_dy", "dgrad_w", "dgrad")
+        dx = (dyq @ wq2).reshape(x.shape)
+        dyq3, xq3 = pair(dy2, x2, "wgrad_dy", "wgrad_x", "wgrad")
+        dw = dyq3.t() @ xq3
+        return dx, dw, dy2.sum(0)
+
+    return y.reshape(*x.shape[:-1], w.shape[0]), grads
+
+
+LAYER_SPECS = {
+    name: get_recipe(name).linear
+    for name in ("fp4_naive", "mxfp4", "nvfp4", "nvfp4_fwd_only", "nvfp4_bwd_only", "nvfp4_no_tiles")
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_SPECS))
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_fp4linear_forward_and_gradients_match_explicit_reference(name, backend):
+    spec = LAYER_SPECS[name]
+    torch.manual_seed(0)
+    layer = FP4Linear(64, 96, bias=True, spec=spec, backend=backend, seed=17)
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y) * torch.rand(4, 16, 1) * 1e-3
+    y.backward(dy)
+    call_seed = mix_seed(17, 1)  # the first training-mode call
+    y_ref, grads = explicit_reference(x.detach(), layer.weight.detach(), layer.bias.detach(), spec, call_seed)
+    dx_ref, dw_ref, db_ref = grads(dy)
+    assert same_bits(y, y_ref)
+    assert same_bits(x.grad, dx_ref)
+    assert same_bits(layer.weight.grad, dw_ref)
+    assert same_bits(layer.bias.grad, db_ref)
+
+
+def test_fresh_noise_each_step_and_replayable_from_state_dict():
+    spec = get_recipe("nvfp4").linear
+    layer = FP4Linear(32, 32, bias=False, spec=spec, backend="fused")
+    x = torch.randn(32, 32)
+
+    def wgrad():
+        layer.weight.grad = None
+        layer(x).sum().backward()
+        return layer.weight.grad.clone()
+
+    state = {k: v for k, v in layer.state_dict().items()}
+    g1, g2 = wgrad(), wgrad()
+    assert not torch.equal(g1, g2)  # new stochastic-rounding draws
+    layer.load_state_dict(state)
+    assert layer.calls == 0 and torch.equal(wgrad(), g1)
+
+
+def test_disabled_spec_is_exactly_nn_linear():
+    torch.manual_seed(0)
+    ref = nn.Linear(48, 32)
+    fp4 = FP4Linear(48, 32, spec=LinearSpec())
+    fp4.load_state_dict(ref.state_dict(), strict=False)
+    x1 = torch.randn(3, 5, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ref(x1), fp4(x2)
+    dy = torch.randn_like(y1)
+    y1.backward(dy)
+    y2.backward(dy)
+    assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
+    assert torch.equal(ref.weight.grad, fp4.weight.grad) and torch.equal(ref.bias.grad, fp4.bias.grad)
+
+
+def test_quantize_switch_off_is_exactly_nn_linear():
+    layer = FP4Linear(32, 32, spec=get_recipe("nvfp4").linear, backend="fused")
+    x = torch.randn(16, 32)
+    layer.quantize = False
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer.quantize = True
+    assert not torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_from_linear_shares_parameters():
+    lin = nn.Linear(32, 16)
+    fp4 = FP4Linear.from_linear(lin, get_recipe("nvfp4").linear, backend="fused")
+    assert fp4.weight is lin.weight and fp4.bias is lin.bias
+    assert fp4.weight.device.type == "cpu"
+
+
+def test_autocast_bf16_runs_gemms_in_bf16_and_keeps_fp32_grads():
+    layer = FP4Linear(32, 32, spec=get_recipe("nvfp4").linear, backend="fused")
+    x = torch.randn(32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(scheme="fp8"), "scheme"),
+        (dict(scheme="nvfp4", rounding="up"), "rounding"),
+        (dict(scheme="nvfp4", hadamard=12), "hadamard"),
+        (dict(scheme="mxfp4", tile=True), "tile"),
+        (dict(scheme="nvfp4", scale_rule="ceil"), "scale_rule"),
+    ],
+)
+def test_quantspec_rejects_bad_fields(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        QuantSpec(**kwargs)
+
+
+def test_linearspec_checks_hadamard_pairs_and_tiles():
+    with pytest.raises(ValueError, match="wgrad_dy.hadamard=16 and wgrad_x.hadamard=0"):
+        LinearSpec(wgrad_dy=QuantSpec("nvfp4", hadamard=16), wgrad_x=QuantSpec("nvfp4"))
+    with pytest.raises(ValueError, match="fprop_x: tile"):
+        LinearSpec(fprop_x=QuantSpec("nvfp4", tile=True))
+    with pytest.raises(TypeError, match="dgrad_dy"):
+        LinearSpec(dgrad_dy="nvfp4")
+
+
+def test_fp4linear_rejects_sizes_and_token_counts_off_the_blocks():
+    spec = get_recipe("nvfp4").linear
+    with pytest.raises(ValueError, match="in_features = 40"):
+        FP4Linear(40, 32, spec=spec)
+    layer = FP4Linear(32, 32, spec=spec, backend="fused")
+    with pytest.raises(ValueError, match=r"number of tokens \(N = 20"):
+        layer(torch.randn(4, 5, 32))
+    with torch.no_grad():  # no Wgrad, no constraint on the token count
+        assert layer(torch.randn(4, 5, 32)).shape == (4, 5, 32)
+    with pytest.raises(ValueError, match="backend"):
+        FP4Linear(32, 32, spec=spec, backend="triton")
