@@ -6,6 +6,7 @@ The public names::
     from fp4lib import E2M1, BNB_FP4, NF4             # element formats (chapter 1)
     from fp4lib import quantize, fake_quantize         # block scaling (chapter 2)
     from fp4lib import QuantizedTensor
+    from fp4lib import FP4Linear, apply_recipe, GPT, Trainer   # FP4 training (chapters 4-5)
 
 Bit 0 is the least significant bit of a code throughout.
 """
@@ -14,6 +15,10 @@ from .formats import BNB_FP4, E2M1, FORMATS, NF4, CodeFields, ElementFormat
 from .hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
 from .packing import pack_nibbles, unpack_nibbles
 from .scaling import SCHEMES, NestedAbsmax, QuantizedTensor, fake_quantize, quantize
+from .nn import FP4Linear, LinearSpec, QuantSpec
+from .recipes import RECIPES, apply_recipe, get_recipe
+from .model import GPT, GPTConfig
+from .trainer import Trainer, TrainConfig, TrainingDiverged
 
 __version__ = "0.1.0"
 
@@ -35,4 +40,15 @@ __all__ = [
     "inverse_block_hadamard",
     "hadamard_matrix",
     "random_signs",
+    "FP4Linear",
+    "LinearSpec",
+    "QuantSpec",
+    "RECIPES",
+    "apply_recipe",
+    "get_recipe",
+    "GPT",
+    "GPTConfig",
+    "Trainer",
+    "TrainConfig",
+    "TrainingDiverged",
 ]
