@@ -24,13 +24,15 @@ within ``--tol``).
 
 The studies:
 
-* ``main`` -- bf16, fp4_naive, mxfp4, nvfp4 at the ci size, 400 steps, several seeds;
+* ``main`` -- bf16, fp4_naive, mxfp4, nvfp4 at the ci size, 400 steps, seeds 0 and 1;
 * ``ablation`` -- nvfp4 with one ingredient off (high-precision last block,
-  stochastic rounding, random Hadamard, 16x16 tiles);
+  stochastic rounding, random Hadamard); the tiles ablation is a recipe
+  (``nvfp4_no_tiles``) but not part of the stored study;
 * ``fwd_bwd`` -- where the gap comes from: FP4 in the forward GEMM only, or in the
   backward GEMMs only;
-* ``length`` -- 800 steps of bf16, nvfp4 and nvfp4 with the last 10% in high
-  precision: how the gap grows with training and NVIDIA's remedy;
+* ``length`` -- nvfp4 with the last 10% of its 400 steps in high precision
+  (NVIDIA's remedy); how the gap grows is read from the main runs' validation
+  curves;
 * ``underflow`` -- why naive fails: a bf16 run that captures the attention
   output-projection gradient dY at a few steps and measures the fraction of its
   entries that per-tensor and per-block FP4 scales send to zero;
