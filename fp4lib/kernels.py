@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .fast import compile_works
 from .formats import BNB_FP4, NF4
 from .scaling import QuantizedTensor, _check_block_size, _check_input, quantize
 
@@ -49,11 +50,7 @@ def _compiled_bnb():
 @functools.lru_cache(maxsize=None)
 def compile_available() -> bool:
     """True when ``torch.compile`` works here (it needs a C++ compiler on CPU)."""
-    try:
-        f = torch.compile(lambda t: t * 2 + 1)
-        return bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
-    except Exception:  # pragma: no cover - depends on the toolchain
-        return False
+    return compile_works()
 
 
 def quantize_fast(

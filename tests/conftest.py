@@ -75,3 +75,15 @@ def bnb():
 
     with torch._dynamo.config.patch(disable=True):
         yield F
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors run faster on one thread, and the CI machine's cores are shared.
+
+    Training-side test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,13 +12,7 @@ from fp4lib.recipes import RECIPES
 from fp4lib.train import PRESETS, make_parser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run faster on one thread, and the CI machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = [ex.Run("tiny_nvfp4", "nvfp4", steps=3, preset="tiny", study="repro"),
