@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 from pathlib import Path
 
-import torch
+from fp4lib.experiments import machine_info
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Benchmark results\n\nEach section is rewritten by the script named in it; numbers are medians.\n"
@@ -15,18 +13,11 @@ HEADER = "# Benchmark results\n\nEach section is rewritten by the script named i
 
 def machine() -> str:
     """One line naming the CPU, core count, OS, Python and torch versions."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    m = machine_info()
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}, {platform.system()} {platform.machine()}{gpu}"
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}, {m['os']}{gpu}"
     )
 
 
