@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -180,8 +180,13 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
 
 
 def _stage_apply(x: torch.Tensor, enc, dec_block, dec_tensor, finite, seed_t, scheme: str, axis: int,
-                 rounding: str, tile: bool) -> torch.Tensor:
-    """Stage 2 (elementwise): scale, round, decode; NaN everywhere unless ``finite``."""
+                 rounding: str, tile: bool):
+    """Stage 2 (elementwise): scale, round, decode; NaN everywhere unless ``finite``.
+
+    Returns ``(values, tensor_scale)``: each E2M1 value times its block's decode
+    scale, and the per-tensor decode scale (``None`` for MXFP4), which the GEMM
+    applies to its output.
+    """
     rows, cols = x.shape
     if scheme == PER_TENSOR:
         v = x
@@ -197,10 +202,10 @@ def _stage_apply(x: torch.Tensor, enc, dec_block, dec_tensor, finite, seed_t, sc
         q = _round_stochastic(scaled, hash_uniform(index, seed_t))
     else:
         q = _round_nearest(scaled)
-    out = q * dec_block
-    if dec_tensor is not None:
-        out = out * dec_tensor
-    return torch.where(finite, out.reshape(rows, cols), float("nan"))
+    if scheme == PER_TENSOR:
+        return torch.where(finite, q, float("nan")), dec_block
+    out = q * dec_block  # exact: an E2M1 value times an E8M0 or E4M3 scale
+    return torch.where(finite, out.reshape(rows, cols), float("nan")), dec_tensor
 
 
 def fake_quant_fused(
@@ -238,9 +243,13 @@ def fake_quant_fused(
 
     Returns
     -------
-    torch.Tensor
-        float32, shape ``(rows, cols)``: the dequantized values. Any NaN or
-        +-Inf in ``x`` makes the whole result NaN (as a GEMM on it would be).
+    (torch.Tensor, torch.Tensor or None)
+        ``(values, tensor_scale)``: float32 ``(rows, cols)``, each E2M1 value times
+        its block's decode scale (exact, also in bfloat16), and the 0-d float32
+        per-tensor decode scale (NVFP4's ``s_dec``, the naive scheme's amax/6;
+        ``None`` for MXFP4). The dequantized operand is ``values * tensor_scale``;
+        a GEMM applies the tensor scales to its output, as FP4 hardware does. Any
+        NaN or +-Inf in ``x`` makes every value NaN (as a GEMM on it would be).
 
     The two stages are compiled separately on purpose: fused into one loop nest
     with the block reductions, the elementwise work ran several times slower.
@@ -249,8 +258,9 @@ def fake_quant_fused(
     --------
     >>> import torch
     >>> x = torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4])
-    >>> fake_quant_fused(x, seed_term(0), "e2m1_per_tensor", 1, "nearest")[0, :4].tolist()
-    [0.5, -1.0, 3.0, 6.0]
+    >>> values, scale = fake_quant_fused(x, seed_term(0), "e2m1_per_tensor", 1, "nearest")
+    >>> values[0, :4].tolist(), scale.item()  # E2M1 values; one scale, amax / 6
+    ([0.5, -1.0, 3.0, 6.0], 1.0)
     """
     if x.numel() >= 2**31:
         raise ValueError(f"x has {x.numel()} elements; the fused path indexes them with int32 (< 2**31)")
@@ -259,14 +269,34 @@ def fake_quant_fused(
     return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
 
 
+_COMPILE_PROBLEM: list = []  # why torch.compile does not work here, once known
+
+
 @functools.lru_cache(maxsize=None)
 def compile_works() -> bool:
-    """True when ``torch.compile`` runs here (on CPU it needs a C++ compiler)."""
+    """True when ``torch.compile`` runs here (on CPU it needs a C++ compiler).
+
+    When it does not, the first call warns once, naming the error, so that the
+    ``"auto"`` backends' choice of the eager fused path is never silent.
+    """
     try:
         f = torch.compile(lambda t: t * 2 + 1)
-        return bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
-    except Exception:  # pragma: no cover - depends on the toolchain
+        ok = bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
+        problem = None if ok else "a compiled test function returned wrong values"
+    except Exception as e:  # any failure of the toolchain means: do not compile here
+        problem = f"{type(e).__name__}: {str(e)[:200]}"
+    if problem is not None:
+        _COMPILE_PROBLEM.append(problem)
+        warnings.warn(f"torch.compile does not work here ({problem}); fp4lib runs its eager fused path instead "
+                      "(identical numbers, slower)")
         return False
+    return True
+
+
+def _same_bits(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 # Each (scheme, axis, rounding, tile, scale_rule) combination and operand shape
@@ -276,23 +306,42 @@ _RECOMPILE_LIMIT = 128
 
 
 class _CompiledFakeQuant:
-    """:func:`fake_quant_fused` with both stages compiled; falls back to the eager
-    stages (same results), with one warning, if compiling fails for a device --
-    e.g. Triton without float8 conversions on GPUs older than compute capability 8.9."""
+    """:func:`fake_quant_fused` with both stages compiled.
+
+    The first call for each spec, shape and device also runs the eager fused path
+    and compares the bits. If they differ (a miscompiled kernel, a stale on-disk
+    kernel cache), or compiling fails, that combination runs the eager fused path
+    from then on, with a warning that names it: the numbers are never silently
+    those of an unverified kernel.
+    """
 
     def __init__(self):
         self.stages = (torch.compile(_stage_scales, dynamic=False), torch.compile(_stage_apply, dynamic=False))
-        self.failed_devices = set()
+        self.verified = set()
+        self.fallback = {}  # key -> reason
 
     def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule="floor"):
-        if x.device.type not in self.failed_devices:
+        key = (scheme, axis, rounding, tile, scale_rule, tuple(x.shape), x.device.type)
+        args = (x, seed_t, scheme, axis, rounding, tile, scale_rule)
+        if key in self.verified:
+            return fake_quant_fused(*args, stages=self.stages)
+        if key not in self.fallback:
+            label = (f"scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
+                     f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type}")
+            eager = fake_quant_fused(*args)
             try:
-                return fake_quant_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, stages=self.stages)
-            except Exception as e:  # pragma: no cover - depends on the compiler toolchain
-                self.failed_devices.add(x.device.type)
-                warnings.warn(f"compiling the FP4 fake-quant kernels failed on {x.device.type} "
-                              f"({type(e).__name__}: {str(e)[:200]}); using the eager fused path there")
-        return fake_quant_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule)
+                compiled = fake_quant_fused(*args, stages=self.stages)
+            except Exception as e:  # a compiler error: report it, then use the eager kernels
+                self.fallback[key] = f"compiling failed ({type(e).__name__}: {str(e)[:200]})"
+            else:
+                if all(_same_bits(a, b) for a, b in zip(compiled, eager)):
+                    self.verified.add(key)
+                    return compiled
+                self.fallback[key] = "the compiled kernel's bits differ from the fused path's"
+            warnings.warn(f"FP4 fake quantization ({label}): {self.fallback[key]}; using the eager fused path "
+                          "for it (identical to the reference, slower)")
+            return eager
+        return fake_quant_fused(*args)
 
 
 @functools.lru_cache(maxsize=None)

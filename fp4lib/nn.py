@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,10 @@ __all__ = [
     "FP4Linear",
     "FP4LinearFunction",
     "reference_fake_quant",
+    "reference_fake_quant_factored",
     "fake_quant_operand",
+    "fake_quant_factored",
+    "scaled_gemm",
     "hadamard_along",
     "hadamard_signs",
     "mix_seed",
@@ -308,8 +311,9 @@ def _stochastic_e2m1_codes(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tenso
     return idx.to(torch.uint8) | (torch.signbit(scaled).to(torch.uint8) << 3)
 
 
-def reference_fake_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0) -> torch.Tensor:
-    """The slow, obviously-correct fake quantization of one 2-D GEMM operand.
+def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int,
+                                  seed: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The slow, obviously-correct fake quantization of one 2-D GEMM operand, factored.
 
     Parameters
     ----------
@@ -325,15 +329,65 @@ def reference_fake_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int 
 
     Returns
     -------
-    torch.Tensor
-        float32 of ``x``'s shape (a view of a transposed tensor when ``axis=0``).
+    (torch.Tensor, torch.Tensor or None)
+        ``(values, tensor_scale)``: float32 of ``x``'s shape holding each E2M1
+        value times its block's decode scale (exact in float32 and bfloat16), and
+        the 0-d per-tensor decode scale (NVFP4's ``s_dec``, the per-tensor
+        scheme's ``amax / 6``), or ``None`` (MXFP4, or ``scheme="none"``, where
+        ``values`` is ``x`` itself). The dequantized operand is
+        ``values * tensor_scale``.
 
-    Round-to-nearest block schemes are :func:`fp4lib.fake_quantize` itself. For
-    stochastic rounding the scales come from :func:`fp4lib.quantize`, the codes from
-    :func:`fp4lib.rounding.stochastic_round_index` with the hash draws, and the
-    decode from :meth:`QuantizedTensor.dequantize`. The per-tensor scheme is
-    ``E2M1.decode(E2M1.encode(x / s)) * s`` with ``s = amax / 6``. A NaN or +-Inf
-    anywhere gives an all-NaN result.
+    Block schemes are :func:`fp4lib.quantize` and :meth:`QuantizedTensor.factored`;
+    for stochastic rounding the codes come from
+    :func:`fp4lib.rounding.stochastic_round_index` with the hash draws, on the
+    scales :func:`fp4lib.quantize` chose. The per-tensor scheme is
+    ``E2M1.encode(x / s)`` with ``s = amax / 6``. A NaN or +-Inf anywhere gives
+    all-NaN values.
+    """
+    if not spec.enabled:
+        return x, None
+    if not bool(torch.isfinite(x).all()):
+        return torch.full_like(x, float("nan")), None
+    stochastic = spec.rounding == "stochastic"
+    u = cheap_uniform(x.shape, seed, device=x.device) if stochastic else None
+    if spec.scheme == PER_TENSOR:
+        amax = x.abs().amax()
+        scale = torch.where(amax > 0, amax / E2M1_MAX, torch.ones_like(amax))
+        scaled = x / scale
+        codes = _stochastic_e2m1_codes(scaled, u) if stochastic else E2M1.encode(scaled)
+        return E2M1.decode(codes), scale
+    kwargs = {"tile": True} if spec.tile else {}
+    if spec.scheme == "mxfp4":
+        kwargs["scale_rule"] = spec.scale_rule
+    moved = x if (spec.tile or axis == 1) else x.t()
+    q = quantize(moved, spec.scheme, **kwargs)
+    if stochastic:  # the same scales; new codes from the hash draws
+        u = u if moved is x else u.t()
+        rows, cols = moved.shape
+        if spec.scheme == "mxfp4":
+            e = q.scale.view(torch.uint8).to(torch.int32) - 127
+            inv = torch.ldexp(torch.ones_like(e, dtype=torch.float32), -e)
+            scaled = (moved.reshape(rows, cols // MX_BLOCK_SIZE, MX_BLOCK_SIZE) * inv.unsqueeze(-1)).reshape(rows, cols)
+        else:
+            denom = q.block_scales()  # s_dec_b * s_dec, as scaling.py computes it
+            s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=torch.finfo(torch.float32).max)
+            if spec.tile:
+                t = NVFP4_TILE
+                scaled = moved.reshape(rows // t, t, cols // t, t) * s_enc_b[:, None, :, None]
+            else:
+                scaled = moved.reshape(rows, cols // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE) * s_enc_b.unsqueeze(-1)
+            scaled = scaled.reshape(rows, cols)
+        codes = _stochastic_e2m1_codes(scaled, u)
+        q = dataclasses.replace(q, packed=pack_nibbles(codes, "low_first"), rounding="stochastic")
+    values, tensor_scale = q.factored()
+    return (values if moved is x else values.t()), tensor_scale
+
+
+def reference_fake_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0) -> torch.Tensor:
+    """:func:`reference_fake_quant_factored` multiplied out: the dequantized operand.
+
+    Returns float32 of ``x``'s shape (a view of a transposed tensor when ``axis=0``).
+    Round-to-nearest block schemes equal :func:`fp4lib.fake_quantize` bit for bit.
 
     Examples
     --------
@@ -342,43 +396,8 @@ def reference_fake_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int 
     >>> reference_fake_quant(x, QuantSpec("e2m1_per_tensor"), axis=1)[0, :4].tolist()
     [0.5, -1.0, 3.0, 6.0]
     """
-    if not spec.enabled:
-        return x
-    if not bool(torch.isfinite(x).all()):
-        return torch.full_like(x, float("nan"))
-    stochastic = spec.rounding == "stochastic"
-    u = cheap_uniform(x.shape, seed, device=x.device) if stochastic else None
-    if spec.scheme == PER_TENSOR:
-        amax = x.abs().amax()
-        scale = torch.where(amax > 0, amax / E2M1_MAX, torch.ones_like(amax))
-        scaled = x / scale
-        codes = _stochastic_e2m1_codes(scaled, u) if stochastic else E2M1.encode(scaled)
-        return E2M1.decode(codes) * scale
-    kwargs = {"tile": True} if spec.tile else {}
-    if spec.scheme == "mxfp4":
-        kwargs["scale_rule"] = spec.scale_rule
-    if not stochastic:
-        return fake_quantize(x, spec.scheme, axis=-1 if spec.tile else axis, **kwargs)
-    moved = x if (spec.tile or axis == 1) else x.t()
-    u = u if moved is x else u.t()
-    q = quantize(moved, spec.scheme, **kwargs)  # the scales; rounding does not change them
-    rows, cols = moved.shape
-    if spec.scheme == "mxfp4":
-        e = q.scale.view(torch.uint8).to(torch.int32) - 127
-        inv = torch.ldexp(torch.ones_like(e, dtype=torch.float32), -e)
-        scaled = (moved.reshape(rows, cols // MX_BLOCK_SIZE, MX_BLOCK_SIZE) * inv.unsqueeze(-1)).reshape(rows, cols)
-    else:
-        denom = q.block_scales()  # s_dec_b * s_dec, as scaling.py computes it
-        s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=torch.finfo(torch.float32).max)
-        if spec.tile:
-            t = NVFP4_TILE
-            scaled = moved.reshape(rows // t, t, cols // t, t) * s_enc_b[:, None, :, None]
-        else:
-            scaled = moved.reshape(rows, cols // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE) * s_enc_b.unsqueeze(-1)
-        scaled = scaled.reshape(rows, cols)
-    codes = _stochastic_e2m1_codes(scaled, u)
-    out = dataclasses.replace(q, packed=pack_nibbles(codes, "low_first"), rounding="stochastic").dequantize()
-    return out if moved is x else out.t()
+    values, tensor_scale = reference_fake_quant_factored(x, spec, axis, seed)
+    return values if tensor_scale is None else values * tensor_scale
 
 
 def _resolve_backend(backend: str) -> str:
@@ -389,8 +408,27 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
+def fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0,
+                        backend: str = "fused") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(values, tensor_scale)`` of one 2-D float32 operand with the chosen backend.
+
+    The factored form of :func:`reference_fake_quant_factored`, bit for bit, from
+    any backend: ``"reference"``, ``"fused"``, ``"compiled"`` or ``"auto"``
+    (compiled where ``torch.compile`` works). The Hadamard transform is not applied
+    here (see :func:`hadamard_along`).
+    """
+    if not spec.enabled:
+        return x, None
+    backend = _resolve_backend(backend)
+    if backend == "reference":
+        return reference_fake_quant_factored(x, spec, axis, seed)
+    fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
+    seed_t = seed_term(seed).to(x.device, non_blocking=True)
+    return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule)
+
+
 def fake_quant_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0, backend: str = "fused") -> torch.Tensor:
-    """Fake-quantize one 2-D float32 operand with the chosen backend.
+    """Fake-quantize one 2-D float32 operand with the chosen backend: the dequantized values.
 
     ``backend``: ``"reference"``, ``"fused"``, ``"compiled"`` or ``"auto"``
     (compiled where ``torch.compile`` works). All give identical bits; the
@@ -405,26 +443,51 @@ def fake_quant_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 
     >>> torch.equal(fake_quant_operand(x, spec, axis=0, seed=7, backend="fused"), ref)
     True
     """
-    if not spec.enabled:
-        return x
-    backend = _resolve_backend(backend)
-    if backend == "reference":
-        return reference_fake_quant(x, spec, axis, seed)
-    fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
-    seed_t = seed_term(seed).to(x.device, non_blocking=True)
-    return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule)
+    values, tensor_scale = fake_quant_factored(x, spec, axis, seed, backend)
+    return values if tensor_scale is None else values * tensor_scale
 
 
 def _quantize_gemm_pair(a, b, spec_a, spec_b, axis_a, axis_b, seeds, hadamard_seed, backend):
-    """Hadamard (if any) then fake quant of both operands of one GEMM (float32 2-D)."""
+    """Hadamard (if any) then factored fake quant of both operands of one GEMM (float32 2-D).
+
+    Returns ``((a_values, a_scale), (b_values, b_scale))``.
+    """
     if spec_a.hadamard:
         signs = hadamard_signs(spec_a.hadamard, hadamard_seed, device=a.device)
         a = hadamard_along(a, axis_a, spec_a.hadamard, signs)
         b = hadamard_along(b, axis_b, spec_a.hadamard, signs)
     return (
-        fake_quant_operand(a, spec_a, axis_a, seeds[0], backend),
-        fake_quant_operand(b, spec_b, axis_b, seeds[1], backend),
+        fake_quant_factored(a, spec_a, axis_a, seeds[0], backend),
+        fake_quant_factored(b, spec_b, axis_b, seeds[1], backend),
     )
+
+
+def scaled_gemm(a: Tuple[torch.Tensor, Optional[torch.Tensor]], b: Tuple[torch.Tensor, Optional[torch.Tensor]],
+                gemm_dtype: torch.dtype) -> torch.Tensor:
+    """``(a_values @ b_values) * (a_scale * b_scale)``, as a block-scaled FP4 GEMM computes it.
+
+    ``a``, ``b``: ``(values, tensor_scale)`` pairs of 2-D float32 operands (see
+    :func:`fake_quant_factored`); ``values`` already carry their block scales.
+    The products are formed from ``values`` cast to ``gemm_dtype`` (a lossless
+    cast for quantized operands, whose E2M1 x E4M3 or E2M1 x E8M0 products fit in
+    bfloat16), accumulated in float32, and the per-tensor scales multiply the
+    float32 result once, as the hardware's epilogue does with its ``alpha``.
+    Returns float32; the caller casts to its output dtype, one rounding in all.
+    """
+    (av, a_scale), (bv, b_scale) = a, b
+    if gemm_dtype == torch.float32:
+        y = av @ bv
+    else:
+        av, bv = av.to(gemm_dtype), bv.to(gemm_dtype)
+        if av.is_cuda:  # tensor-core products, float32 accumulation and output
+            y = torch.mm(av, bv, out_dtype=torch.float32)
+        else:  # the same arithmetic: the products of these values are exact in float32
+            y = av.float() @ bv.float()
+    alpha = None
+    for s in (a_scale, b_scale):
+        if s is not None:
+            alpha = s if alpha is None else alpha * s
+    return y if alpha is None else y * alpha
 
 
 def _weight_axis_free(spec: QuantSpec) -> bool:
@@ -441,9 +504,13 @@ class FP4LinearFunction(torch.autograd.Function):
     ``forward(x, weight, bias, spec, call_seed, backend, gemm_dtype)``: ``x`` of
     shape ``(*, in_features)``, ``weight`` ``(out_features, in_features)``,
     ``bias`` ``(out_features,)`` or ``None``; ``call_seed`` an int from which every
-    operand's rounding and Hadamard seeds derive. Quantization runs in float32;
-    the GEMMs run in ``gemm_dtype`` (float32, or bfloat16 under autocast). The
-    bias and its gradient stay in high precision. Returns ``(*, out_features)``.
+    operand's rounding and Hadamard seeds derive. Quantization runs in float32.
+    Each GEMM multiplies block-scaled values (exact in bfloat16), accumulates in
+    float32 and applies the operands' per-tensor scales to its float32 output
+    (:func:`scaled_gemm`), whether ``gemm_dtype`` is float32 or bfloat16 (under
+    autocast): the two agree up to the final rounding to ``gemm_dtype``. The bias
+    and its gradient stay in high precision. Returns ``(*, out_features)`` in
+    ``gemm_dtype``.
     """
 
     @staticmethod
@@ -456,38 +523,39 @@ class FP4LinearFunction(torch.autograd.Function):
         xq, wq = _quantize_gemm_pair(
             x2, w32, spec.fprop_x, spec.fprop_w, 1, 1, (seeds["fprop_x"], seeds["fprop_w"]), had["fprop"], backend
         )
-        b = bias.to(gemm_dtype) if bias is not None else None
-        y = F.linear(xq.to(gemm_dtype), wq.to(gemm_dtype), b)  # (N, out)
+        y = scaled_gemm(xq, (wq[0].t(), wq[1]), gemm_dtype)  # (N, out), float32
+        if bias is not None:
+            y = y + bias.float()
         reuse_w = spec.dgrad_w == spec.fprop_w and _weight_axis_free(spec.fprop_w) and not spec.dgrad_dy.hadamard
-        ctx.save_for_backward(x2, weight, wq if reuse_w else None)
+        ctx.save_for_backward(x2, weight, wq[0] if reuse_w else None, wq[1] if reuse_w else None)
         ctx.reuse_w = reuse_w
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.spec, ctx.seeds, ctx.had, ctx.backend, ctx.gemm_dtype = spec, seeds, had, backend, gemm_dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.to(gemm_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, wq_saved = ctx.saved_tensors
+        x2, weight, wq_values, wq_scale = ctx.saved_tensors
         spec, seeds, had, backend, dt = ctx.spec, ctx.seeds, ctx.had, ctx.backend, ctx.gemm_dtype
         dy2 = dy.reshape(-1, weight.shape[0]).float().contiguous()  # (N, out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             if ctx.reuse_w and not spec.dgrad_dy.hadamard:
-                dyq = fake_quant_operand(dy2, spec.dgrad_dy, 1, seeds["dgrad_dy"], backend)
-                wq = wq_saved
+                dyq = fake_quant_factored(dy2, spec.dgrad_dy, 1, seeds["dgrad_dy"], backend)
+                wq = (wq_values, wq_scale)
             else:
                 dyq, wq = _quantize_gemm_pair(
                     dy2, weight.float(), spec.dgrad_dy, spec.dgrad_w, 1, 0,
                     (seeds["dgrad_dy"], seeds["dgrad_w"]), had["dgrad"], backend,
                 )
-            dx = torch.matmul(dyq.to(dt), wq.to(dt)).reshape(ctx.x_shape).to(ctx.x_dtype)  # (N, in)
+            dx = scaled_gemm(dyq, wq, dt).to(dt).reshape(ctx.x_shape).to(ctx.x_dtype)  # (N, in)
         if ctx.needs_input_grad[1]:
             dyq, xq = _quantize_gemm_pair(
                 dy2, x2, spec.wgrad_dy, spec.wgrad_x, 0, 0, (seeds["wgrad_dy"], seeds["wgrad_x"]), had["wgrad"], backend
             )
-            dw = torch.matmul(dyq.to(dt).t(), xq.to(dt)).to(weight.dtype)  # (out, in)
+            dw = scaled_gemm((dyq[0].t(), dyq[1]), xq, dt).to(dt).to(weight.dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None

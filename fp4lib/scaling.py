@@ -173,6 +173,35 @@ class QuantizedTensor:
             return _e8m0_to_float(self.scale)
         return self.scale.float() * self.global_scale
 
+    def factored(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """MXFP4/NVFP4: ``(values, tensor_scale)``, the operand an FP4 GEMM sees.
+
+        ``values``: float32 of the original shape, each E2M1 value times its
+        block's decode scale (E8M0 or E4M3), a product that is exact in float32
+        and in bfloat16. ``tensor_scale``: NVFP4's FP32 per-tensor decode scale
+        ``s_dec`` (0-d), or ``None`` for MXFP4. FP4 hardware multiplies the
+        block-scaled products and applies the per-tensor scales of both operands
+        to the GEMM's output; :meth:`dequantize` is ``values * tensor_scale``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> q = quantize(torch.tensor([[0.5, -1.0, 3.0, 12.0] * 4]), "nvfp4")
+        >>> values, s_dec = q.factored()
+        >>> values[0, :4].tolist()  # E2M1 values times E4M3 block scales: up to 6 * 448
+        [0.0, -224.0, 672.0, 2688.0]
+        >>> round(float(s_dec) * 2688, 4), torch.equal(values * s_dec, q.dequantize())  # s_dec = amax / 2688
+        (12.0, True)
+        """
+        if self.scheme not in ("mxfp4", "nvfp4"):
+            raise ValueError(f"factored() applies to 'mxfp4' and 'nvfp4', not {self.scheme!r}")
+        vals = self.element_format.decode(self.codes())
+        if self.scheme == "mxfp4":
+            return _expand_last(vals, _e8m0_to_float(self.scale), MX_BLOCK_SIZE), None
+        s_dec_b = self.scale.float()
+        out = _expand_tiles(vals, s_dec_b) if self.tile else _expand_last(vals, s_dec_b, NVFP4_BLOCK_SIZE)
+        return out, self.global_scale
+
     def dequantize(self) -> torch.Tensor:
         """Decode to a tensor of the original shape and dtype.
 
@@ -185,21 +214,12 @@ class QuantizedTensor:
         >>> [round(v, 4) for v in q.dequantize().tolist()]
         [0.1667, -0.5, 1.0, 0.3333]
         """
-        fmt = self.element_format
-        vals = fmt.decode(self.codes())
         if self.scheme in ("bnb_fp4", "nf4"):
-            absmax = self.block_scales()
-            out = _times_block_scale(vals, absmax, self.block_size)
+            vals = self.element_format.decode(self.codes())
+            out = _times_block_scale(vals, self.block_scales(), self.block_size)
             return out.to(self.dtype).reshape(self.shape)
-        if self.scheme == "mxfp4":
-            scale = _e8m0_to_float(self.scale)
-            out = _expand_last(vals, scale, MX_BLOCK_SIZE)
-            return out.to(self.dtype)
-        s_dec_b = self.scale.float()
-        if self.tile:
-            out = _expand_tiles(vals, s_dec_b) * self.global_scale
-        else:
-            out = _expand_last(vals, s_dec_b, NVFP4_BLOCK_SIZE) * self.global_scale
+        values, tensor_scale = self.factored()
+        out = values if tensor_scale is None else values * tensor_scale
         return out.to(self.dtype)
 
     @property

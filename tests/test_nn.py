@@ -7,6 +7,7 @@
 * A disabled spec is exactly nn.Linear.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -26,6 +27,8 @@ from fp4lib.nn import (
     hadamard_signs,
     mix_seed,
     reference_fake_quant,
+    reference_fake_quant_factored,
+    fake_quant_factored,
 )
 from fp4lib.recipes import get_recipe
 from fp4lib.rounding import cheap_uniform
@@ -199,7 +202,11 @@ def test_hadamard_cancels_in_all_three_gemm_layouts():
 # FP4Linear against an explicit reference
 # ----------------------------------------------------------------------------
 def explicit_reference(x, w, b, spec: LinearSpec, call_seed: int):
-    """Y, dX, dW, db from reference_fake_quant'd operands and plain matmuls; dY = given."""
+    """Y, dX, dW, db from the reference's factored operands and plain matmuls; dY = given.
+
+    Each GEMM multiplies the block-scaled values and applies both per-tensor scales
+    to its output, as a block-scaled FP4 GEMM does.
+    """
     seeds = {r: mix_seed(call_seed, ROLES[r][2]) for r in ROLES}
     had = {g: mix_seed(call_seed, i) for g, i in (("fprop", 6), ("dgrad", 7), ("wgrad", 8))}
     x2 = x.reshape(-1, x.shape[-1])
@@ -210,18 +217,23 @@ def explicit_reference(x, w, b, spec: LinearSpec, call_seed: int):
             signs = hadamard_signs(sa.hadamard, had[gemm])
             a = hadamard_along(a, ROLES[ra][1], sa.hadamard, signs)
             bb = hadamard_along(bb, ROLES[rb][1], sa.hadamard, signs)
-        return (reference_fake_quant(a, sa, ROLES[ra][1], seeds[ra]),
-                reference_fake_quant(bb, sb, ROLES[rb][1], seeds[rb]))
+        return (reference_fake_quant_factored(a, sa, ROLES[ra][1], seeds[ra]),
+                reference_fake_quant_factored(bb, sb, ROLES[rb][1], seeds[rb]))
 
-    xq, wq = pair(x2, w, "fprop_x", "fprop_w", "fprop")
-    y = F.linear(xq, wq, b)
+    def times_scales(product, sa, sb):
+        scales = [s for s in (sa, sb) if s is not None]
+        alpha = scales[0] * scales[1] if len(scales) == 2 else (scales[0] if scales else None)
+        return product if alpha is None else product * alpha
+
+    (xv, sx), (wv, sw) = pair(x2, w, "fprop_x", "fprop_w", "fprop")
+    y = times_scales(xv @ wv.t(), sx, sw) + b
 
     def grads(dy):
         dy2 = dy.reshape(-1, w.shape[0])
-        dyq, wq2 = pair(dy2, w, "dgrad_dy", "dgrad_w", "dgrad")
-        dx = (dyq @ wq2).reshape(x.shape)
-        dyq3, xq3 = pair(dy2, x2, "wgrad_dy", "wgrad_x", "wgrad")
-        dw = dyq3.t() @ xq3
+        (dyv, sdy), (wv2, sw2) = pair(dy2, w, "dgrad_dy", "dgrad_w", "dgrad")
+        dx = times_scales(dyv @ wv2, sdy, sw2).reshape(x.shape)
+        (dyv3, sdy3), (xv3, sx3) = pair(dy2, x2, "wgrad_dy", "wgrad_x", "wgrad")
+        dw = times_scales(dyv3.t() @ xv3, sdy3, sx3)
         return dx, dw, dy2.sum(0)
 
     return y.reshape(*x.shape[:-1], w.shape[0]), grads
@@ -348,3 +360,52 @@ def test_fp4linear_rejects_sizes_and_token_counts_off_the_blocks():
         assert layer(torch.randn(4, 5, 32)).shape == (4, 5, 32)
     with pytest.raises(ValueError, match="backend"):
         FP4Linear(32, 32, spec=spec, backend="triton")
+
+
+# ----------------------------------------------------------------------------
+# bfloat16 autocast: the same simulation as float32
+# ----------------------------------------------------------------------------
+BF16_FIDELITY_RECIPES = ("fp4_naive", "mxfp4", "nvfp4", "nvfp4_no_tiles", "nvfp4_no_sr", "nvfp4_no_rht")
+
+
+def _three_gemms(spec, autocast: bool):
+    """Y, dX and dW of a fresh 256 x 256 FP4Linear (same seed, same inputs), with or without bf16 autocast."""
+    torch.manual_seed(0)
+    layer = FP4Linear(256, 256, bias=False, spec=spec, backend="fused", seed=5)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 128, 256, generator=gen) * torch.rand(2, 128, 1, generator=gen)).requires_grad_(True)
+    dy = (torch.randn(2, 128, 256, generator=gen) * 1e-3).bfloat16()  # the same bf16 gradient for both
+    if autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.backward(dy)
+    else:
+        y = layer(x)
+        y.backward(dy.float())
+    return y.detach(), x.grad, layer.weight.grad
+
+
+@pytest.mark.parametrize("name", BF16_FIDELITY_RECIPES)
+def test_bf16_autocast_output_is_the_bf16_rounding_of_the_float32_path(name):
+    # The GEMM operands are E2M1 values times their block scales (exact in bf16); the
+    # per-tensor scales multiply the float32 output. So under bf16 autocast every
+    # GEMM's output is the float32 path's output rounded once to bf16, up to the
+    # order of the float32 additions. (Folding the per-tensor scale into the
+    # operands instead matched on only 43-55% of the elements.)
+    spec = get_recipe(name).linear
+    y32, dx32, dw32 = _three_gemms(spec, autocast=False)
+    y16, dx16, dw16 = _three_gemms(spec, autocast=True)
+    for gemm, lo, hi in (("fprop", y16, y32), ("dgrad", dx16, dx32), ("wgrad", dw16, dw32)):
+        same = float((lo.float() == hi.bfloat16().float()).double().mean())
+        assert same >= 0.99, (name, gemm, same)
+
+
+def test_bf16_operands_of_every_quantized_role_are_exact():
+    x = torch.randn(64, 128) * 3e-3
+    for name in ("fp4_naive", "mxfp4", "nvfp4"):
+        lin = get_recipe(name).linear
+        for role, (_, axis, _) in ROLES.items():
+            spec = getattr(lin, role)
+            values, _ = fake_quant_factored(x, dataclasses.replace(spec, hadamard=0), axis, seed=3)
+            assert torch.equal(values.bfloat16().float(), values), (name, role)
