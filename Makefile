@@ -14,14 +14,22 @@ STAMP := $(VENV)/.installed
 QUIET_PIP := grep -v "^WARNING: Location" || true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
+# torch.compile's on-disk kernel cache does not tell ATen's CPU kernel sets apart, and a
+# cache filled under one setting has produced NaN and crashes under another: one cache
+# per setting (ATEN_CPU_CAPABILITY unset means the machine's own).
+INDUCTOR_CACHE := $(CURDIR)/.cache/inductor
+export TORCHINDUCTOR_CACHE_DIR ?= $(INDUCTOR_CACHE)/aten-$(or $(ATEN_CPU_CAPABILITY),native)
+# The cross-kernel checks: other CPU kernels, as another machine would run them.
+CROSS_KERNEL_ENV := ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-default
 
-.PHONY: help venv book test unit nbval build-book browser-check experiments-check experiments benchmark chromium notebooks clean
+.PHONY: help venv book test unit nbval build-book browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
 
 help:
 	@echo "make book         build the executed book into _build/html"
 	@echo "make test         unit tests, doctests, notebook checks, book build, browser check"
 	@echo "make experiments  run the full training study (slow) and store its results"
 	@echo "make benchmark    quantize speed benchmark -> benchmarks/RESULTS.md"
+	@echo "make gpu-check    on a CUDA machine: CUDA tests, bitsandbytes CUDA vs fp4lib, bf16 fidelity, gpu-preset timings"
 	@echo "make notebooks    re-execute the chapters and store their outputs"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -55,7 +63,13 @@ nbval: venv
 	$(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 experiments-check: venv
-	@if [ -f fp4lib/experiments.py ]; then $(PY) -m fp4lib.experiments check; fi
+	$(PY) -m fp4lib.experiments check
+
+# The checks that compare numbers across machines, once more with ATen's portable
+# (non-vector) CPU kernels and a kernel cache of their own.
+cross-kernel: venv
+	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.experiments check
+	$(CROSS_KERNEL_ENV) $(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 browser-check: chromium
 	$(PY) tests/browser_check.py _build/html
@@ -64,11 +78,20 @@ test: venv chromium
 	$(MAKE) unit
 	$(MAKE) experiments-check
 	$(MAKE) nbval
+	$(MAKE) cross-kernel
 	$(MAKE) build-book
 	$(MAKE) browser-check
 
+# The study, one thread per run (as stored), then the re-run check's reference runs
+# under ATen's other CPU kernel sets, so that `check` is exact under each of them.
 experiments: venv
-	$(PY) -m fp4lib.experiments run
+	$(PY) -m fp4lib.experiments run --threads 1
+	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.experiments reference
+	if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
+	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.experiments reference; fi
+
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 benchmark: venv
 	$(PY) benchmarks/quantize.py

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Tuple
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from .constants import BNB_NESTED_BLOCK_SIZE
 from .scaling import NestedAbsmax, QuantizedTensor
 
-__all__ = ["import_bitsandbytes", "to_bnb", "from_bnb", "bnb_quantize", "bnb_dequantize"]
+__all__ = ["import_bitsandbytes", "to_bnb", "from_bnb", "bnb_quantize", "bnb_dequantize", "bnb_cpu_decode_at_risk"]
 
 _QUANT_TYPE = {"bnb_fp4": "fp4", "nf4": "nf4"}
 _SCHEME = {"fp4": "bnb_fp4", "nf4": "nf4"}
@@ -131,6 +132,23 @@ def bnb_quantize(x: torch.Tensor, quant_type: str = "fp4", block_size: int = 64,
         raise ValueError(f"quant_type must be 'fp4' or 'nf4', got {quant_type!r}")
     F = import_bitsandbytes()
     return F.quantize_4bit(x, blocksize=block_size, compress_statistics=double_quant, quant_type=quant_type)
+
+
+def bnb_cpu_decode_at_risk(shape, block_size: int) -> bool:
+    """True for the shapes bitsandbytes 0.50.2's CPU decode gets wrong on AVX-512 CPUs.
+
+    A tensor with more than one row whose last dimension is a multiple of 16 but not
+    of ``block_size``: its AVX-512 ``dequantize_4bit`` multiplies some elements by
+    another block's absmax, without an error (chapter 2). :func:`bnb_dequantize`
+    never asks bitsandbytes for such a shape.
+
+    Examples
+    --------
+    >>> bnb_cpu_decode_at_risk((3, 48), 64), bnb_cpu_decode_at_risk((3, 64), 64), bnb_cpu_decode_at_risk((144,), 64)
+    (True, False, False)
+    """
+    shape = tuple(int(s) for s in shape)
+    return len(shape) > 1 and math.prod(shape[:-1]) > 1 and shape[-1] % 16 == 0 and shape[-1] % block_size != 0
 
 
 def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:

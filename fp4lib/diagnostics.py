@@ -19,7 +19,8 @@ import torch.nn as nn
 from .nn import FP4Linear, QuantSpec, reference_fake_quant
 from .trainer import default_loss
 
-__all__ = ["UNDERFLOW_SCHEMES", "underflow_fraction", "amax_over_rms", "capture_grad_output", "underflow_report"]
+__all__ = ["UNDERFLOW_SCHEMES", "underflow_fraction", "amax_over_rms", "capture_grad_output", "underflow_report",
+           "underflow_capture_hook"]
 
 UNDERFLOW_SCHEMES = ("e2m1_per_tensor", "mxfp4", "nvfp4")
 
@@ -118,3 +119,26 @@ def underflow_report(dy: torch.Tensor) -> Dict[str, float]:
         "mxfp4_dgrad": underflow_fraction(dy, "mxfp4", axis=1),
         "mxfp4_wgrad": underflow_fraction(dy, "mxfp4", axis=0),
     }
+
+
+def underflow_capture_hook(steps: Tuple[int, ...], store: Dict[str, dict], batch: Tuple[torch.Tensor, ...],
+                           n_layer: int, module_pattern: str = "transformer.h.{block}.attn.c_proj") -> Callable:
+    """A :class:`~fp4lib.trainer.Trainer` hook recording :func:`underflow_report` of a gradient.
+
+    Before each step in ``steps`` (1-based) it captures, on the fixed ``batch``, the
+    output gradient of ``module_pattern.format(block=b)`` for every block ``b`` in
+    ``range(n_layer)`` and stores ``store[str(step)][module name] = report``.
+    Training is unaffected (see :func:`capture_grad_output`).
+    """
+
+    def hook(trainer, step):
+        if step not in steps:
+            return
+        rec = {}
+        for b in range(n_layer):
+            name = module_pattern.format(block=b)
+            dy = capture_grad_output(trainer.model, name, tuple(t.to(trainer.device) for t in batch))
+            rec[name] = underflow_report(dy.cpu())
+        store[str(step)] = rec
+
+    return hook

@@ -51,6 +51,18 @@ def test_code_hash_ignores_docs_but_not_code(tmp_path):
     assert ex.code_hash(package_dir=copy) == base
     nn_py.write_text(text.replace("_EVAL_CALL = -1", "_EVAL_CALL = -2"))
     assert ex.code_hash(package_dir=copy) != base
+    nn_py.write_text(text)
+    # the hooks that produce stored numbers count too: the underflow capture, the record
+    diag = copy / "diagnostics.py"
+    diag.write_text(diag.read_text().replace("rec[name] = underflow_report(dy.cpu())", "rec[name] = underflow_report(dy)"))
+    assert ex.code_hash(package_dir=copy) != base
+    shutil.copy(pkg / "diagnostics.py", diag)
+    exp = copy / "experiments.py"
+    exp.write_text(exp.read_text().replace('"step_ms_median": ms[len(ms) // 2]', '"step_ms_median": ms[0]'))
+    assert ex.code_hash(package_dir=copy) != base
+    shutil.copy(pkg / "experiments.py", exp)
+    exp.write_text(exp.read_text().replace("TOLERANCE_FACTOR = 3.0", "TOLERANCE_FACTOR = 4.0"))
+    assert ex.code_hash(package_dir=copy) == base  # the check's own settings are not the study's code
 
 
 def test_result_records_provenance(tiny_study):
@@ -62,6 +74,55 @@ def test_result_records_provenance(tiny_study):
     assert rec["command"].startswith("python -m fp4lib.train --recipe nvfp4 --preset tiny --steps 3 --seed 0")
     assert {"cpu", "cores", "torch_threads", "python", "torch"} <= set(rec["machine"])
     assert rec["seed"] == 0 and rec["torch"] == torch.__version__
+
+
+def test_results_of_another_torch_version_are_stale(tiny_study):
+    path = tiny_study / "tiny_bf16.json"
+    rec = json.loads(path.read_text())
+    rec["torch"] = "2.0.0"
+    path.write_text(json.dumps(rec))
+    assert ex.stale_results(TINY, tiny_study) == {"tiny_bf16": f"made with torch 2.0.0, here {torch.__version__}"}
+
+
+def test_repro_record_carries_its_environment_as_a_reference(tiny_study):
+    rec = json.loads((tiny_study / "tiny_nvfp4.json").read_text())
+    assert rec["fingerprint"] == ex.numeric_fingerprint("cpu", "fp32") | {"threads": 1}
+    assert [r["fingerprint"] for r in rec["references"]] == [rec["fingerprint"]]
+    assert rec["references"][0]["train_losses"] == rec["train_losses"]
+
+
+def _foreign(rec, shift):
+    """A reference as if made in another environment, its losses drifting by `shift` per step."""
+    other = json.loads(json.dumps({k: rec[k] for k in ex.REFERENCE_KEYS}))
+    other["fingerprint"]["aten_cpu_capability"] = "ELSEWHERE"
+    other["train_losses"] = [v + shift * (i + 1) for i, v in enumerate(other["train_losses"])]
+    other["val_losses"] = [[s, v + shift * s] for s, v in other["val_losses"]]
+    return other
+
+
+def test_tolerance_mode_elsewhere_passes_within_the_band_and_fails_outside(tiny_study, monkeypatch, capsys):
+    path = tiny_study / "tiny_nvfp4.json"
+    rec = json.loads(path.read_text())
+    here = rec["references"][0]
+    # two environments, neither of them this one: the band comes from their difference
+    rec["references"] = [_foreign(here, 1e-3), _foreign(here, -1e-3)]
+    path.write_text(json.dumps(rec))
+    args = ["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]
+    assert ex.main(args) == 0
+    assert "mode tolerance" in capsys.readouterr().out
+    # a run whose numbers are wrong (another seed: other weights, other batches) fails
+    monkeypatch.setattr(ex, "STUDY", [ex.Run("tiny_nvfp4", "nvfp4", seed=1, steps=3, preset="tiny", study="repro"),
+                                      TINY[1]])
+    rec["definition"] = ex.STUDY[0].definition()
+    path.write_text(json.dumps(rec))
+    assert ex.main(args) == 1
+    err = capsys.readouterr().err
+    assert "mode tolerance" in err and "FAILED at step" in err
+
+
+def test_tolerance_band_needs_two_environments():
+    with pytest.raises(ValueError, match="at least two environments"):
+        ex.tolerance_band([{"train_losses": [1.0], "val_losses": []}])
 
 
 def test_stale_results_are_named(tiny_study):
@@ -78,16 +139,17 @@ def test_stale_results_are_named(tiny_study):
 def test_check_passes_when_fresh_and_reproduced(tiny_study, capsys):
     code = ex.main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"])
     out = capsys.readouterr().out
-    assert code == 0 and "re-ran tiny_nvfp4: losses reproduce exactly" in out
+    assert code == 0 and "re-ran tiny_nvfp4: mode exact" in out and "reproduce bit for bit" in out
 
 
 def test_check_fails_on_stale_or_changed_results(tiny_study, capsys):
     path = tiny_study / "tiny_nvfp4.json"
     rec = json.loads(path.read_text())
-    rec["train_losses"][1] += 1e-3
+    rec["references"][0]["train_losses"][1] += 1e-3  # the stored run of this environment
     path.write_text(json.dumps(rec))
     assert ex.main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]) == 1
-    assert "differing from the stored ones by up to 0.001" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mode exact" in err and "differ from the stored ones by up to 0.001" in err
     rec["code_hash"] = "f" * 64
     path.write_text(json.dumps(rec))
     assert ex.main(["--results", str(tiny_study), "check"]) == 1

@@ -409,3 +409,29 @@ def test_bf16_operands_of_every_quantized_role_are_exact():
             spec = getattr(lin, role)
             values, _ = fake_quant_factored(x, dataclasses.replace(spec, hadamard=0), axis, seed=3)
             assert torch.equal(values.bfloat16().float(), values), (name, role)
+
+
+def test_compiled_backend_that_disagrees_with_fused_falls_back_loudly():
+    # A compiled kernel whose bits differ from the fused path (a miscompile, a stale
+    # kernel cache) must not be used: the first call per spec and shape compares them.
+    from fp4lib import fast
+
+    wrapper = fast._CompiledFakeQuant.__new__(fast._CompiledFakeQuant)
+    wrapper.verified, wrapper.fallback = set(), {}
+
+    def bad_apply(*args):
+        values, scale = fast._stage_apply(*args)
+        return values + 1.0, scale
+
+    wrapper.stages = (fast._stage_scales, bad_apply)
+    x = torch.randn(32, 64)
+    seed_t = seed_term(3)
+    with pytest.warns(UserWarning, match=r"scheme=nvfp4, block axis 1, rounding=stochastic.*bits differ"):
+        out = wrapper(x, seed_t, "nvfp4", 1, "stochastic")
+    ref = fast.fake_quant_fused(x, seed_t, "nvfp4", 1, "stochastic")
+    assert same_bits(out[0], ref[0]) and same_bits(out[1], ref[1])
+    assert same_bits(wrapper(x, seed_t, "nvfp4", 1, "stochastic")[0], ref[0])  # and stays on the fused path
+
+    wrapper.stages = (fast._stage_scales, fast._stage_apply)  # a faithful kernel is verified, then used
+    assert same_bits(wrapper(x, seed_t, "mxfp4", 0, "nearest")[0], fast.fake_quant_fused(x, seed_t, "mxfp4", 0, "nearest")[0])
+    assert ("mxfp4", 0, "nearest", False, "floor", (32, 64), "cpu") in wrapper.verified
