@@ -18,7 +18,8 @@ SCHEMES = ["bnb_fp4", "nf4"]
 # odd last axis, or a last axis that is a multiple of the block size).
 SAFE_SHAPES = [(64,), (50,), (7, 13), (2, 128), (5, 64, 3), (1,)]
 # Multi-row shapes whose last axis is a multiple of 16 but not of the block size: the
-# bitsandbytes 0.50.2 AVX-512 dequantize returns wrong values for them (DESIGN.md 4).
+# bitsandbytes 0.50.2 AVX-512 dequantize returns wrong values for them (seen on AVX-512 CPUs;
+# fp4lib.bnb_bridge.bnb_cpu_decode_at_risk).
 AVX512_BUG_CASES = [((3, 48), 64), ((256, 256), 512), ((4, 80), 64), ((2, 3, 48), 64)]
 
 
@@ -188,7 +189,7 @@ def test_bnb_quantize_fp4_matches_fp4lib(bnb, device, shape):
         assert torch.equal(out, q.dequantize())
     else:
         # bitsandbytes' CUDA fp4 kernel compares against truncated pivots with a strict
-        # ">" and takes the sign from x < 0 (DESIGN.md 1): its codes can differ from the
+        # ">" and takes the sign from x < 0 (its kernel source): its codes can differ from the
         # CPU's on exact ties (one code step), on +-0 (codes 0 and 8, both 0.0) and in
         # ~1-ulp windows next to a pivot. Random normal data hits no tie, so the decoded
         # values agree to float32 rounding.

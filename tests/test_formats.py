@@ -1,7 +1,8 @@
 """Element formats: exhaustive over the 16 codes of E2M1, bitsandbytes "fp4" and NF4.
 
 Every code value, every rounding boundary and exact tie, +-0, saturation and NaN are
-pinned down explicitly (DESIGN.md section 1). Stochastic rounding is checked with an
+pinned down explicitly (the OCP Microscaling v1.0 specification for E2M1;
+bitsandbytes' own tables and CPU quantizer for its fp4 and NF4). Stochastic rounding is checked with an
 explicit statistical bound.
 """
 
@@ -18,11 +19,11 @@ from fp4lib import BNB_FP4, E2M1, FORMATS, NF4
 ALL_FORMATS = [E2M1, BNB_FP4, NF4]
 FORMAT_IDS = [f.name for f in ALL_FORMATS]
 
-# DESIGN.md section 1, E2M1 column, in code order (code 8 is -0).
+# OCP MX v1.0 E2M1 values, in code order (code 8 is -0).
 E2M1_TABLE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-# DESIGN.md: bitsandbytes fp4 = {0, 1/16, 8, 12, 4, 6, 2, 3} / 12, then negated (code 8 is +0).
+# bitsandbytes' fp4 table = {0, 1/16, 8, 12, 4, 6, 2, 3} / 12, then negated (code 8 is +0).
 BNB_FP4_TWELFTHS = [0, 1 / 16, 8, 12, 4, 6, 2, 3]
-# DESIGN.md NF4 column (7 decimals) in code order.
+# bitsandbytes' NF4 table (7 decimals) in code order.
 NF4_TABLE_7DP = [
     -1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
     0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0,
@@ -119,7 +120,7 @@ def test_encode_of_every_code_value_gives_the_code_back():
 
 
 def test_bnb_fp4_two_zeros_rule_matches_bitsandbytes_cpu(bnb):
-    # DESIGN.md: exact 0 and tiny negatives -> code 0, tiny positives in (0, 1/384] -> code 8.
+    # bitsandbytes' CPU quantizer: exact 0 and tiny negatives -> code 0, tiny positives in (0, 1/384] -> code 8.
     mid = f32(f32(1 / 192) / 2)  # float32 midpoint of 0 and 1/192
     xs = [1.0, 0.0, -0.0, -1e-30, -1e-6, next_up(-mid), 1e-30, 1e-6, mid, next_up(mid), -mid, next_down(-mid)]
     want = [3, 0, 0, 0, 0, 0, 8, 8, 8, 1, 9, 9]

@@ -1,8 +1,9 @@
-"""Block scaling: bitsandbytes absmax blocks, MXFP4 and NVFP4 (DESIGN.md section 2).
+"""Block scaling: bitsandbytes absmax blocks, MXFP4 and NVFP4.
 
 * bitsandbytes schemes: bit for bit against bitsandbytes' CPU quantize/dequantize and
   against an independent decode written here.
-* MXFP4 and NVFP4: hand-computed cases following DESIGN.md step by step, with every
+* MXFP4 and NVFP4: hand-computed cases following the OCP MX v1.0 scale rule and NVIDIA's
+  NVFP4 definition (two-level scales, as in Transformer Engine's reference) step by step, with every
   intermediate computed in this file, compared bit for bit.
 * torch's own float8/float4 dtypes, whose behaviour the scale casts rely on.
 * Every bad input named in the docs.
@@ -386,7 +387,7 @@ def test_mxfp4_clip_fraction_on_normal_data():
     g = torch.Generator().manual_seed(0)
     q = quantize(torch.randn(n_blocks, 32, generator=g), "mxfp4")
     p = _clip_probability_n01()  # 0.29603
-    assert abs(p - 0.295) < 0.002  # DESIGN.md's "about 29.5%"
+    assert abs(p - 0.295) < 0.002  # "about 29.5%", as chapter 2 reports
     # Each block clips independently with probability p: 5 binomial standard errors.
     se = math.sqrt(p * (1 - p) / n_blocks)  # 0.0018
     assert abs(q.clip_fraction - p) < 5 * se
@@ -398,7 +399,7 @@ def test_mxfp4_clip_fraction_on_normal_data():
 # NVFP4
 # ----------------------------------------------------------------------------
 def nvfp4_by_hand(x: torch.Tensor):
-    """DESIGN.md section 2, step by step, for a 2-D float32 x with 16-element blocks."""
+    """NVFP4 by its definition, step by step, for a 2-D float32 x with 16-element blocks."""
     amax = x.abs().max()
     s_enc = torch.tensor(6.0 * 448.0) / amax if amax > 0 else torch.tensor(1.0)
     s_dec = 1.0 / s_enc
@@ -578,7 +579,7 @@ def test_fake_quantize_keeps_shape_and_dtype(scheme, dtype):
 @pytest.mark.parametrize("scheme,design,measured", [("mxfp4", 0.013, 0.01320), ("nvfp4", 0.009, 0.00906)])
 def test_relative_mse_on_normal_data(scheme, design, measured):
     # Measured here with 2^20 samples: MXFP4 0.01320, NVFP4 0.00906 (five seeds vary
-    # by < 6e-5). DESIGN.md rounds them to 0.013 and 0.009; the bound is the +-0.001
+    # by < 6e-5). Chapter 2 rounds them to 0.013 and 0.009; the bound is the +-0.001
     # band around those, and a tighter +-3e-4 around the measured values (about five
     # times the seed-to-seed spread) so a regression of a few percent would show.
     g = torch.Generator().manual_seed(0)
