@@ -63,12 +63,12 @@ nbval: venv
 	$(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 experiments-check: venv
-	$(PY) -m fp4lib.experiments check
+	$(PY) -m fp4lib.study check
 
 # The checks that compare numbers across machines, once more with ATen's portable
 # (non-vector) CPU kernels and a kernel cache of their own.
 cross-kernel: venv
-	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.experiments check
+	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study check
 	$(CROSS_KERNEL_ENV) $(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 browser-check: chromium
@@ -85,10 +85,10 @@ test: venv chromium
 # The study, one thread per run (as stored), then the re-run check's reference runs
 # under ATen's other CPU kernel sets, so that `check` is exact under each of them.
 experiments: venv
-	$(PY) -m fp4lib.experiments run --threads 1
-	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.experiments reference
+	$(PY) -m fp4lib.study run --threads 1
+	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study reference
 	if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
-	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.experiments reference; fi
+	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.study reference; fi
 
 gpu-check: venv
 	$(PY) benchmarks/gpu_check.py

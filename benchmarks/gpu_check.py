@@ -137,7 +137,7 @@ def time_recipe(recipe: str, steps: int) -> dict:
     from fp4lib.train import PRESETS
 
     p = PRESETS["gpu"]
-    tokens = p.batch_size * p.model.block_size
+    tokens = p.train.batch_size * p.model.block_size
     return {"recipe": recipe, "ms": ms, "tokens_per_s": tokens / (ms / 1e3), "final_val_loss": result.final_val_loss,
             "precision": result.info.get("precision"), "steps": steps, "warmup": warmup}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
-from fp4lib.experiments import check_targets, load_results, stale_results, summary, val_gap_curve  # noqa: E402
+from fp4lib.study import check_targets, load_results, stale_results, summary, val_gap_curve  # noqa: E402
 
 
 def fmt_gap(row) -> str:

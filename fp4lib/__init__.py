@@ -15,8 +15,9 @@ from .formats import BNB_FP4, E2M1, FORMATS, NF4, CodeFields, ElementFormat
 from .hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
 from .packing import pack_nibbles, unpack_nibbles
 from .scaling import SCHEMES, NestedAbsmax, QuantizedTensor, fake_quantize, quantize
-from .nn import FP4Linear, LinearSpec, QuantSpec
-from .recipes import RECIPES, apply_recipe, get_recipe
+from .specs import LinearSpec, QuantSpec
+from .nn import FP4Linear
+from .recipes import RECIPES, apply_recipe, get_recipe, mxfp4_recipe, naive_recipe, nvfp4_recipe
 from .model import GPT, GPTConfig
 from .trainer import Trainer, TrainConfig, TrainingDiverged
 
@@ -46,6 +47,9 @@ __all__ = [
     "RECIPES",
     "apply_recipe",
     "get_recipe",
+    "nvfp4_recipe",
+    "mxfp4_recipe",
+    "naive_recipe",
     "GPT",
     "GPTConfig",
     "Trainer",

@@ -1,7 +1,8 @@
 """How far a quantized tensor is from the original: metrics and the four-panel figure.
 
 Chapter 3 of the book introduces these functions; chapter 2 uses
-:func:`error_metrics` for its format comparison.
+:func:`error_metrics` for its format comparison. Computing metrics needs torch
+only; :func:`four_panel_figure` imports matplotlib when it draws.
 
 Definitions (``x`` the original, ``y`` the dequantized tensor, ``e = y - x``):
 
@@ -18,43 +19,21 @@ All metrics are computed in float64 from the float32 (or float16/bfloat16) input
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .constants import BNB_BLOCK_SIZES, BNB_DEFAULT_BLOCK_SIZE
-from .formats import BNB_FP4, NF4
-from .plotting import BOOK_COLORS
 from .scaling import QuantizedTensor
 
 __all__ = [
-    "METRIC_LABELS",
     "relative_error",
     "error_metrics",
     "weight_error_metrics",
     "quantized_nbytes",
-    "bnb_fake_quantize_rows",
-    "SeedStudy",
-    "seed_study",
     "four_panel_figure",
-    "seed_distribution_figure",
 ]
 
-#: Per metric: (name, unit, factor to display it in that unit).
-METRIC_LABELS: Dict[str, Tuple[str, str, float]] = {
-    "mae": ("mean absolute error", "weight units", 1.0),
-    "max_abs_error": ("max absolute error", "weight units", 1.0),
-    "rmse": ("RMS error", "weight units", 1.0),
-    "mean_rel_error": ("mean relative error", "%", 100.0),
-    "max_rel_error": ("max relative error", "%", 100.0),
-    "rel_mse": ("relative MSE", "", 1.0),
-    "sqnr_db": ("SQNR", "dB", 1.0),
-}
-
-_BNB_TABLES = {"fp4": BNB_FP4, "nf4": NF4}
 
 
 # ----------------------------------------------------------------------------
@@ -233,124 +212,6 @@ def quantized_nbytes(q, state=None) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Many small tensors at once: bitsandbytes' CPU arithmetic per row
-# ----------------------------------------------------------------------------
-def bnb_fake_quantize_rows(x: torch.Tensor, quant_type: str = "fp4", block_size: int = BNB_DEFAULT_BLOCK_SIZE) -> torch.Tensor:
-    """Quantize-dequantize each row of ``x`` as its own bitsandbytes tensor.
-
-    Row ``i`` of the result equals
-    ``dequantize_4bit(*quantize_4bit(x[i], blocksize=block_size, quant_type=quant_type))``
-    on bitsandbytes' CPU path, bit for bit, but all rows are done in one vectorised
-    pass. Each row is cut into full blocks (scaled by ``x * (1 / absmax)``) and a
-    partial last block (scaled by ``x / absmax``), exactly as bitsandbytes does,
-    which is why it is not the same as quantizing the flattened batch.
-
-    Parameters
-    ----------
-    x:
-        float32 tensor of shape ``(rows, n)``.
-    quant_type:
-        ``"fp4"`` (bitsandbytes' table, not OCP E2M1) or ``"nf4"``.
-    block_size:
-        One of bitsandbytes' block sizes, 32 to 4096.
-
-    Returns
-    -------
-    torch.Tensor
-        float32, shape ``(rows, n)``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from fp4lib import fake_quantize
-    >>> x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    >>> rows = bnb_fake_quantize_rows(x)
-    >>> all(torch.equal(rows[i], fake_quantize(x[i], "bnb_fp4")) for i in range(3))
-    True
-    """
-    if not torch.is_tensor(x):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must be float32, got {x.dtype}")
-    if x.dim() != 2 or x.shape[1] == 0:
-        raise ValueError(f"x must have shape (rows, n) with n > 0, got {tuple(x.shape)}")
-    if quant_type not in _BNB_TABLES:
-        raise ValueError(f"quant_type must be one of {tuple(_BNB_TABLES)}, got {quant_type!r}")
-    if block_size not in BNB_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BNB_BLOCK_SIZES}, got {block_size!r}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or infinite values; bitsandbytes would turn their blocks to NaN")
-    fmt = _BNB_TABLES[quant_type]
-    rows, n = x.shape
-    rem = n % block_size
-    full = n - rem
-    parts = []
-    if full:
-        a = x[:, :full].reshape(rows, full // block_size, block_size)
-        absmax = a.abs().amax(-1, keepdim=True)
-        scaled = torch.clamp(a * (1.0 / absmax.clamp(min=1e-38)), -1, 1)
-        parts.append((fmt.decode(fmt.encode(scaled)) * absmax).reshape(rows, full))
-    if rem:
-        tail = x[:, full:]
-        am = tail.abs().amax(-1, keepdim=True).clamp(min=1e-38)
-        parts.append(fmt.decode(fmt.encode(torch.clamp(tail / am, -1, 1))) * am)
-    return torch.cat(parts, dim=1)
-
-
-@dataclass
-class SeedStudy:
-    """The result of :func:`seed_study`.
-
-    ``x_hp`` and ``x_dq`` are float32 of shape ``(len(seeds), n)``; ``metrics`` maps
-    each key of :func:`error_metrics` to a float64 tensor of shape ``(len(seeds),)``.
-    """
-
-    seeds: torch.Tensor
-    x_hp: torch.Tensor
-    x_dq: torch.Tensor
-    metrics: Dict[str, torch.Tensor]
-
-
-def seed_study(
-    seeds: Sequence[int],
-    n: int = 50,
-    std: float = 0.5,
-    quant_type: str = "fp4",
-    block_size: int = BNB_DEFAULT_BLOCK_SIZE,
-) -> SeedStudy:
-    """Repeat the small experiment of chapter 3 for many seeds.
-
-    For each seed ``s`` the weights are ``torch.manual_seed(s); torch.randn(n) * std``
-    (drawn from a private ``torch.Generator`` seeded with ``s``, which gives the
-    same numbers without touching the global generator), quantized with
-    bitsandbytes' arithmetic (:func:`bnb_fake_quantize_rows`) and compared.
-
-    Examples
-    --------
-    >>> import torch
-    >>> study = seed_study(range(3))
-    >>> _ = torch.manual_seed(2)
-    >>> bool(torch.equal(study.x_hp[2], torch.randn(50) * 0.5))
-    True
-    >>> sorted(study.metrics)[:3], tuple(study.metrics["mae"].shape)
-    (['dq_max', 'dq_mean', 'dq_min'], (3,))
-    """
-    seeds_t = torch.as_tensor(list(seeds), dtype=torch.int64)
-    if seeds_t.dim() != 1 or seeds_t.numel() == 0:
-        raise ValueError("seeds must be a non-empty sequence of ints")
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    g = torch.Generator()
-    x = torch.empty(seeds_t.numel(), n, dtype=torch.float32)
-    for i, s in enumerate(seeds_t.tolist()):
-        g.manual_seed(s)
-        x[i] = torch.randn(n, generator=g)
-    x = x * std
-    x_dq = bnb_fake_quantize_rows(x, quant_type, block_size)
-    return SeedStudy(seeds=seeds_t, x_hp=x, x_dq=x_dq, metrics=error_metrics(x, x_dq))
-
-
-# ----------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------
 def _pyplot():
@@ -415,6 +276,8 @@ def four_panel_figure(
         raise ValueError(f"scatter_points must be a positive int, got {scatter_points!r}")
     if len(labels) != 2:
         raise ValueError(f"labels must name the two value sets, got {labels!r}")
+    from .plotting import BOOK_COLORS
+
     plt = _pyplot()
     x = x.reshape(-1)
     y = y.reshape(-1)
@@ -503,93 +366,6 @@ def four_panel_figure(
         ax4.set_title(f"Correlation {r:.4f}: per-block scales blur the steps")
     ax4.legend(loc="upper left")
 
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def _percentile_of(values: torch.Tensor, v: float) -> float:
-    return 100.0 * float((values <= v).double().mean())
-
-
-def seed_distribution_figure(
-    metrics: Mapping[str, torch.Tensor],
-    marks: Optional[Mapping[str, Mapping[str, float]]] = None,
-    keys: Sequence[str] = ("mae", "max_abs_error", "mean_rel_error", "max_rel_error"),
-    title: Optional[str] = None,
-    bins: int = 60,
-):
-    """Histograms of metrics over many seeds (chapter 3), with marked values.
-
-    Parameters
-    ----------
-    metrics:
-        From :func:`seed_study` or :func:`error_metrics`: key to a 1-D tensor with
-        one value per seed.
-    marks:
-        Optional label to ``{key: value}``; each is drawn as a vertical line in
-        every panel that has its key. The first mark's percentile among the seeds
-        is given in each panel title.
-    keys:
-        Which metrics to show, at most four (2x2 panels); see :data:`METRIC_LABELS`.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-
-    Examples
-    --------
-    >>> study = seed_study(range(200))
-    >>> fig = seed_distribution_figure(study.metrics, {"seed 0": {"mae": float(study.metrics["mae"][0])}})
-    >>> len(fig.axes)
-    4
-    """
-    keys = list(keys)
-    if not 1 <= len(keys) <= 4:
-        raise ValueError(f"keys must name 1 to 4 metrics, got {len(keys)}")
-    for key in keys:
-        if key not in metrics:
-            raise ValueError(f"metrics has no {key!r}; it has {sorted(metrics)}")
-        if key not in METRIC_LABELS:
-            raise ValueError(f"no label for {key!r}; known metrics are {sorted(METRIC_LABELS)}")
-    marks = dict(marks or {})
-    plt = _pyplot()
-    ncols = 1 if len(keys) == 1 else 2
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(10.5, 3.8 * nrows), squeeze=False)
-    styles = [(BOOK_COLORS["vermillion"], "-"), (BOOK_COLORS["black"], "--"), (BOOK_COLORS["green"], ":")]
-    for ax, key in zip(axes.reshape(-1), keys):
-        name, unit, factor = METRIC_LABELS[key]
-        v = torch.as_tensor(metrics[key], dtype=torch.float64).reshape(-1)
-        v = v[torch.isfinite(v)]
-        if v.numel() == 0:
-            raise ValueError(f"metrics[{key!r}] has no finite values")
-        shown = [float(values[key]) for values in marks.values() if key in values]
-        lo = min([float(torch.quantile(v, 0.001))] + shown)
-        hi = max([float(v.max())] + shown)
-        if hi <= lo:
-            hi = lo + 1e-12
-        ax.hist((v * factor).numpy(), bins=bins, range=(lo * factor, hi * factor), color=BOOK_COLORS["blue"], alpha=0.55)
-        med = float(v.median())
-        ax.axvline(med * factor, color=BOOK_COLORS["blue"], linewidth=1.0, linestyle="-.",
-                   label=f"median {med * factor:.3g}")
-        unit_text = "%" if unit == "%" else ""
-        heading = f"{name}: median {med * factor:.3g}{unit_text}"
-        first = True
-        for (label, values), (color, ls) in zip(marks.items(), styles):
-            if key not in values:
-                continue
-            mv = float(values[key])
-            ax.axvline(mv * factor, color=color, linestyle=ls, linewidth=1.6, label=f"{label}: {mv * factor:.3g}{unit_text}")
-            if first:
-                heading += f"\n{label} at the {_percentile_of(v, mv):.0f}th percentile"
-                first = False
-        ax.set_title(heading, fontsize=10)
-        ax.set_xlabel(f"{name} ({unit})" if unit else name)
-        ax.set_ylabel("number of seeds")
-        ax.legend(loc="best", fontsize=8)
-    for ax in axes.reshape(-1)[len(keys):]:
-        ax.set_visible(False)
     if title:
         fig.suptitle(title)
     return fig

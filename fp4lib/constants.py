@@ -11,6 +11,7 @@ E2M1_EXP_BIAS = 1
 E2M1_MAX = 6.0  # 0b0111: exponent 11, mantissa 1 -> 2^(3-1) * 1.5
 E2M1_MIN_NORMAL = 1.0  # 0b0010
 E2M1_MIN_SUBNORMAL = 0.5  # 0b0001: exponent 00, mantissa 1 -> 2^(1-1) * 0.5
+E2M1_EMAX = 2  # unbiased exponent of the largest value: 6 = 1.5 * 2^2
 SIGN_MASK = 0b1000  # bit 3
 EXP_MASK = 0b0110  # bits 2..1
 MAN_MASK = 0b0001  # bit 0
@@ -26,6 +27,7 @@ E8M0_EXP_BIAS = 127
 E8M0_MIN_EXP = -127  # 0b0000_0000 -> 2^-127
 E8M0_MAX_EXP = 127  # 0b1111_1110 -> 2^127
 E8M0_NAN = 0xFF  # 0b1111_1111
+MX_SCALE_RULES = ("floor", "ceil")  # OCP's floor(log2 amax) - emax, or rounded up so nothing clips
 
 # --- Block sizes ---------------------------------------------------------------
 MX_BLOCK_SIZE = 32  # OCP MX v1.0: k = 32 elements share one scale
@@ -41,3 +43,6 @@ FP32_BITS = 32
 SCALE8_BITS = 8
 
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_EXP_BIAS = 127  # float32: 1 sign, 8 exponent (bias 127), 23 mantissa bits
+FLOAT32_MAN_BITS = 23
+BNB_ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps a block's absmax to at least this before dividing

@@ -16,7 +16,9 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .nn import FP4Linear, QuantSpec, reference_fake_quant
+from .fake_quant import reference_fake_quant
+from .nn import FP4Linear
+from .specs import QuantSpec
 from .trainer import default_loss
 
 __all__ = ["UNDERFLOW_SCHEMES", "underflow_fraction", "amax_over_rms", "capture_grad_output", "underflow_report",

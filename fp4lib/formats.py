@@ -124,6 +124,7 @@ class ElementFormat:
         x: torch.Tensor,
         rounding: str = "nearest",
         generator: Optional[torch.Generator] = None,
+        uniforms: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Round ``x`` (already scaled into the format's range) to 4-bit codes.
 
@@ -141,6 +142,10 @@ class ElementFormat:
         generator:
             Optional ``torch.Generator`` (on ``x``'s device) seeding stochastic
             rounding.
+        uniforms:
+            Stochastic rounding only: the uniform [0, 1) draws to use, float32 of
+            ``x``'s shape (e.g. :func:`fp4lib.rounding.cheap_uniform`), instead of
+            drawing them from ``generator``.
 
         Returns
         -------
@@ -165,9 +170,14 @@ class ElementFormat:
             raise ValueError(
                 f"x contains {int(nan.sum())} NaN value(s); {self.name} has no NaN encoding"
             )
+        if uniforms is not None:
+            if rounding != "stochastic":
+                raise ValueError("uniforms are the draws of stochastic rounding; pass rounding='stochastic'")
+            if uniforms.shape != x.shape:
+                raise ValueError(f"uniforms must have x's shape {tuple(x.shape)}, got {tuple(uniforms.shape)}")
         if rounding == "nearest":
             return self._encode_nearest(x)
-        return self._encode_stochastic(x, generator)
+        return self._encode_stochastic(x, generator, uniforms)
 
     def _encode_nearest(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "e2m1":
@@ -185,8 +195,12 @@ class ElementFormat:
         idx = torch.bucketize(x, mid, right=False)
         return order[idx]
 
-    def _encode_stochastic(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    def _encode_stochastic(self, x: torch.Tensor, generator: Optional[torch.Generator],
+                           uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if uniforms is None:
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        else:
+            u = uniforms.to(device=x.device, dtype=torch.float32)
         if self.kind == "e2m1":
             grid = self._on(x.device, "_mag_grid")
             idx = stochastic_round_index(x.abs(), grid, u)

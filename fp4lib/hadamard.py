@@ -14,7 +14,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["HADAMARD_SIZES", "hadamard_matrix", "random_signs", "block_hadamard", "inverse_block_hadamard"]
+from .rounding import cheap_uniform
+
+__all__ = ["HADAMARD_SIZES", "hadamard_matrix", "random_signs", "block_hadamard", "inverse_block_hadamard",
+           "hadamard_signs", "hadamard_along"]
 
 HADAMARD_SIZES = (16, 32, 64, 128)
 
@@ -117,3 +120,44 @@ def inverse_block_hadamard(y: torch.Tensor, block_size: int = 16, signs: Optiona
     _check_size(block_size)
     _check_tensor(y)
     return _apply(y, block_size, _transform_matrix(block_size, signs, y.dtype, y.device, inverse=True))
+
+
+def hadamard_signs(block_size: int, seed: int, device=None) -> torch.Tensor:
+    """A float32 vector of ``block_size`` +-1 signs from a hash of ``seed`` (no RNG state).
+
+    Examples
+    --------
+    >>> hadamard_signs(16, 3).abs().sum().item()
+    16.0
+    """
+    u = cheap_uniform((block_size,), seed, device=device)
+    return torch.where(u < 0.5, -1.0, 1.0)
+
+
+def hadamard_along(x: torch.Tensor, axis: int, block_size: int, signs: torch.Tensor) -> torch.Tensor:
+    """Apply :func:`fp4lib.block_hadamard` to blocks along ``axis`` (0 or 1) of a 2-D tensor.
+
+    ``x``: float32 ``(rows, cols)``; the transformed axis must be a multiple of
+    ``block_size``. Along axis 1 this is ``block_hadamard(x, block_size, signs)``;
+    along axis 0 it equals ``block_hadamard(x.T, ...).T`` without the transposed
+    copies. Applying it to both operands of a GEMM along the reduction axis, with
+    the same signs, leaves the product unchanged (the matrix is orthogonal).
+
+    Examples
+    --------
+    >>> import torch
+    >>> a, b = torch.randn(32, 8), torch.randn(32, 4)
+    >>> s = hadamard_signs(16, 0)
+    >>> ha, hb = hadamard_along(a, 0, 16, s), hadamard_along(b, 0, 16, s)
+    >>> bool(torch.allclose(ha.T @ hb, a.T @ b, atol=1e-5))
+    True
+    """
+    if axis == 1:
+        return block_hadamard(x, block_size, signs)
+    rows, cols = x.shape
+    if rows % block_size:
+        raise ValueError(f"axis 0 of x (size {rows}) must be a multiple of the Hadamard block size {block_size}")
+    # Row-vector transform v -> v @ M with M = diag(signs) H / sqrt(b), applied to
+    # each column block: M^T @ block.
+    m = signs.to(x.dtype).unsqueeze(1) * hadamard_matrix(block_size, dtype=x.dtype, device=x.device)
+    return torch.matmul(m.t(), x.view(rows // block_size, block_size, cols)).view(rows, cols)

@@ -1,99 +1,463 @@
-"""Fast quantize-to-packed paths, compiled with ``torch.compile``.
+"""The fast paths: each reference operation written as one fused pass, compiled with ``torch.compile``.
 
-:func:`fp4lib.quantize` is the plain-PyTorch reference: obviously correct, one
-tensor operation at a time. Here the same arithmetic is written as one fused
-pass per tensor (absmax, scale, compare-and-count against the format's midpoints,
-pack), which ``torch.compile`` turns into a single loop nest. The results are
-bit-identical to the reference (``tests/test_kernels.py`` checks it with
-``torch.equal``); ``benchmarks/quantize.py`` measures the speed.
+Every kernel here computes the same bits as its reference and uses the same scale
+arithmetic (:func:`fp4lib.scaling.mx_scale_exponents`, :func:`~fp4lib.scaling.nvfp4_block_scales`,
+... are plain tensor operations that compile); what differs is only the shape of
+the computation: one pass over the tensor instead of one tensor operation at a
+time, rounding by threshold comparisons instead of ``bucketize``, and no copies.
 
-Only ``rounding="nearest"`` without double quantization takes the fast path;
-anything else -- and any input with NaN or Inf, so that the reference raises its
-detailed error -- is handed to :func:`fp4lib.quantize`.
+* :func:`quantize_packed` -- ``quantize`` to packed codes and scales, for every
+  scheme with round-to-nearest. :func:`fp4lib.quantize` calls it (``backend="auto"``
+  or ``"compiled"``); its reference is :mod:`fp4lib.scaling`.
+* :func:`fake_quant_fused` -- the fake quantization of one 2-D GEMM operand for
+  training, blocks along either axis, nearest or stochastic rounding (the draws
+  from :func:`fp4lib.rounding.hash_uniform`), in two passes (block scales, then
+  elementwise). :func:`fp4lib.fake_quant.fake_quant_factored` calls it; its
+  reference is :func:`fp4lib.fake_quantize` with ``factored=True``.
+
+What keeps the training kernel fast: blocks along axis 0 (the token axis of the
+Wgrad GEMM) are a ``(rows // b, b, cols)`` view reduced over the middle axis, so no
+transposed copy; the stochastic-rounding draws are a hash computed in the kernel,
+so no noise tensor and no generator state; and the block reductions and the
+elementwise work are compiled as two kernels (fused into one loop nest they ran
+several times slower).
+
+Compiled kernels are checked before they are trusted: :class:`VerifiedCompiled`
+runs the eager formulation beside the compiled one on the first call of each
+specialization and compares the bits; a mismatch (a miscompile, a stale on-disk
+kernel cache) or a compiler error switches that specialization to the eager
+formulation, with a warning that names it. ``tests/test_kernels.py`` checks every
+kernel against its reference bit for bit; ``benchmarks/quantize.py`` measures them.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .fast import compile_works
+from .constants import E2M1_MAX, E8M0_EXP_BIAS, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE
 from .formats import BNB_FP4, NF4
-from .scaling import QuantizedTensor, _check_block_size, _check_input, quantize
+from .rounding import hash_uniform
+from .scaling import (
+    PER_TENSOR,
+    QuantizedTensor,
+    bnb_scale_blocks,
+    e2m1_tensor_scale,
+    mx_scale_exponents,
+    nvfp4_block_scales,
+    nvfp4_tensor_scale,
+    pow2,
+    quantize,
+)
 
-__all__ = ["quantize_fast", "compile_available"]
+__all__ = ["FAST_QUANTIZE_SCHEMES", "FAKE_QUANT_SCHEMES", "compile_works", "quantize_packed", "fake_quant_fused",
+           "compiled_fake_quant", "VerifiedCompiled"]
 
-_FORMATS = {"bnb_fp4": BNB_FP4, "nf4": NF4}
+FAST_QUANTIZE_SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4", PER_TENSOR)
+FAKE_QUANT_SCHEMES = (PER_TENSOR, "mxfp4", "nvfp4")
+_BNB_FORMATS = {"bnb_fp4": BNB_FP4, "nf4": NF4}
+
+# E2M1 round-to-nearest-even as threshold tests: (midpoint, step up, tie goes up?).
+# A tie between grid points i and i+1 goes to the even code (bit 0 clear).
+_E2M1_STEPS = (
+    (0.25, 0.5, False),  # 0 | 0.5: tie to 0 (code 0b000)
+    (0.75, 0.5, True),  # 0.5 | 1.0: tie to 1.0 (code 0b010)
+    (1.25, 0.5, False),  # 1.0 | 1.5: tie to 1.0
+    (1.75, 0.5, True),  # 1.5 | 2.0: tie to 2.0 (code 0b100)
+    (2.5, 1.0, False),  # 2 | 3: tie to 2
+    (3.5, 1.0, True),  # 3 | 4: tie to 4 (code 0b110)
+    (5.0, 2.0, False),  # 4 | 6: tie to 4
+)
+_BINADE_2 = 2.0  # E2M1 spacing is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]
+_BINADE_4 = 4.0
+_RECOMPILE_LIMIT = 128
 
 
-def _bnb_blocks(a: torch.Tensor, mids: tuple, order: torch.Tensor):
-    """a: (blocks, block_size) float32 -> (packed (blocks * block_size / 2,), absmax (blocks,))."""
-    absmax = a.abs().amax(dim=-1)
-    scaled = torch.clamp(a * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(-1), -1, 1)
+# ----------------------------------------------------------------------------
+# Compiling, checked
+# ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def compile_works() -> bool:
+    """True when ``torch.compile`` runs here (on CPU it needs a C++ compiler).
+
+    When it does not, the first call warns once, naming the error, so that the
+    ``"auto"`` backends' choice of the eager paths is never silent.
+    """
+    try:
+        f = torch.compile(lambda t: t * 2 + 1)
+        ok = bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
+        problem = None if ok else "a compiled test function returned wrong values"
+    except Exception as e:  # any failure of the toolchain means: do not compile here
+        problem = f"{type(e).__name__}: {str(e)[:200]}"
+    if problem is not None:
+        warnings.warn(f"torch.compile does not work here ({problem}); fp4lib runs its eager paths instead "
+                      "(identical numbers, slower)")
+        return False
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
+    return True
+
+
+def _bits(t):
+    if t is None or not torch.is_tensor(t):
+        return t
+    if t.dtype in (torch.float32, torch.int32):
+        return t.view(torch.int32)
+    if t.element_size() == 1:
+        return t.view(torch.uint8)
+    return t
+
+
+def _same_bits(a, b) -> bool:
+    a, b = _bits(a), _bits(b)
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return a is None and b is None
+
+
+class VerifiedCompiled:
+    """A compiled function, trusted per specialization only after a bit-for-bit check.
+
+    ``eager``: the eager formulation; ``compiled``: the same under
+    ``torch.compile``. ``call(key, label, *args)``: the first call for each
+    ``key`` runs both and compares every output's bits. If they differ, or
+    compiling fails, that key runs eagerly from then on, with a warning naming
+    ``label``. ``valid_output``: the index of a boolean output that says whether
+    the input was one the kernel is defined for (finite); a call on any other
+    input returns the eager result and settles nothing.
+    """
+
+    def __init__(self, eager: Callable, compiled: Callable, valid_output: Optional[int] = None):
+        self.fn = eager
+        self.compiled = compiled
+        self.valid_output = valid_output
+        self.verified = set()
+        self.fallback: Dict[tuple, str] = {}
+
+    def call(self, key: tuple, label: str, *args):
+        if key in self.verified:
+            return self.compiled(*args)
+        if key in self.fallback:
+            return self.fn(*args)
+        eager = self.fn(*args)
+        if self.valid_output is not None and not bool(eager[self.valid_output]):
+            return eager
+        try:
+            fast = self.compiled(*args)
+        except Exception as e:  # a compiler error: report it, then run eagerly
+            self.fallback[key] = f"compiling failed ({type(e).__name__}: {str(e)[:200]})"
+        else:
+            if all(_same_bits(a, b) for a, b in zip(fast, eager)):
+                self.verified.add(key)
+                return fast
+            self.fallback[key] = "the compiled kernel's bits differ from the eager formulation's"
+        warnings.warn(f"{label}: {self.fallback[key]}; using the eager formulation for it "
+                      "(identical to the reference, slower)")
+        return eager
+
+
+# ----------------------------------------------------------------------------
+# E2M1 rounding by comparisons
+# ----------------------------------------------------------------------------
+def _rtn_index(m: torch.Tensor) -> torch.Tensor:
+    """E2M1 round-to-nearest-even of magnitudes ``m`` (float32, saturating): codes 0..7, int32."""
+    idx = torch.zeros_like(m, dtype=torch.int32)
+    for mid, _, tie_up in _E2M1_STEPS:
+        idx = idx + ((m >= mid) if tie_up else (m > mid)).to(torch.int32)
+    return idx
+
+
+def _round_nearest(s: torch.Tensor) -> torch.Tensor:
+    """E2M1 round-to-nearest-even of float32 ``s`` (saturating at 6); values, not codes."""
+    m = s.abs()
+    q = torch.zeros_like(m)
+    for mid, step, tie_up in _E2M1_STEPS:
+        q = q + ((m >= mid) if tie_up else (m > mid)).to(m.dtype) * step
+    return torch.copysign(q, s)
+
+
+def _round_stochastic(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """E2M1 stochastic rounding of float32 ``s`` with uniforms ``u``; values, not codes.
+
+    The magnitude, clamped to [0, 6], lies between grid points ``lo`` and
+    ``lo + step`` and goes up when ``u < (m - lo) / step``: exactly the rule of
+    :func:`fp4lib.rounding.stochastic_round_index` (every operation here is exact).
+    """
+    m = s.abs().clamp(max=E2M1_MAX)
+    step = torch.where(m < _BINADE_2, 0.5, torch.where(m < _BINADE_4, 1.0, 2.0))
+    lo = torch.floor(m / step) * step
+    p_up = (m - lo) / step
+    q = lo + torch.where(u < p_up, step, 0.0)
+    return torch.copysign(q, s)
+
+
+def _pack_low_first(idx: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (magnitude index | sign bit) packed two per byte, element 2i in the low nibble."""
+    codes = (idx | (negative.to(torch.int32) << 3)).to(torch.uint8)
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return (pairs[..., 1] << 4) | pairs[..., 0]
+
+
+# ----------------------------------------------------------------------------
+# quantize -> packed codes and scales
+# ----------------------------------------------------------------------------
+def _bnb_packed(a: torch.Tensor, mids: Tuple[float, ...], order: torch.Tensor):
+    """a: (blocks, block_size) float32 -> (packed (blocks * block_size / 2,), absmax (blocks,), finite)."""
+    scaled, absmax = bnb_scale_blocks(a)
     # bucketize(right=False) == number of midpoints strictly below the value.
     idx = (scaled > mids[0]).to(torch.int32)
     for m in mids[1:]:
         idx = idx + (scaled > m).to(torch.int32)
     codes = order[idx].reshape(-1, 2)
-    packed = (codes[:, 0] << 4) | codes[:, 1]
-    return packed, absmax
+    return (codes[:, 0] << 4) | codes[:, 1], absmax, torch.isfinite(absmax).all()
+
+
+def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool):
+    """x: (rows, cols) float32 -> (packed, scale, tensor_scale, clipped blocks, finite)."""
+    rows, cols = x.shape
+    amax = x.abs().amax()
+    finite = torch.isfinite(amax)
+    zero = torch.zeros((), dtype=torch.int64, device=x.device)
+    if scheme == PER_TENSOR:
+        scale = e2m1_tensor_scale(amax)
+        scaled = x / scale
+        return _pack_low_first(_rtn_index(scaled.abs()), torch.signbit(scaled)), scale, scale, zero, finite
+    if scheme == "mxfp4":
+        v = x.view(rows, cols // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
+        amax_b = v.abs().amax(dim=-1)
+        e = mx_scale_exponents(amax_b, scale_rule)
+        inv = pow2(-e)
+        scaled = (v * inv.unsqueeze(-1)).view(rows, cols)
+        clipped = ((amax_b * inv > E2M1_MAX) & (amax_b > 0)).sum()
+        return (_pack_low_first(_rtn_index(scaled.abs()), torch.signbit(scaled)), (e + E8M0_EXP_BIAS).to(torch.uint8),
+                amax, clipped, finite)
+    s_enc, s_dec = nvfp4_tensor_scale(amax)
+    if tile:
+        v = x.view(rows // NVFP4_TILE, NVFP4_TILE, cols // NVFP4_TILE, NVFP4_TILE)
+        s_dec_b, s_enc_b = nvfp4_block_scales(v.abs().amax(dim=(1, 3)), s_enc, s_dec)
+        scaled = (v * s_enc_b[:, None, :, None]).view(rows, cols)
+    else:
+        v = x.view(rows, cols // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
+        s_dec_b, s_enc_b = nvfp4_block_scales(v.abs().amax(dim=-1), s_enc, s_dec)
+        scaled = (v * s_enc_b.unsqueeze(-1)).view(rows, cols)
+    packed = _pack_low_first(_rtn_index(scaled.abs()), torch.signbit(scaled))
+    return packed, s_dec_b.to(torch.float8_e4m3fn), s_dec, zero, finite
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_bnb():
-    return torch.compile(_bnb_blocks, dynamic=True)
+def _verified(name: str) -> VerifiedCompiled:
+    # bitsandbytes' blocks: one kernel for every block count. The E2M1 schemes: the
+    # first shape compiled statically (twice as fast here), later shapes dynamically.
+    fn, dynamic, valid = {"bnb": (_bnb_packed, True, 2), "e2m1": (_e2m1_packed, None, 4)}[name]
+    return VerifiedCompiled(fn, torch.compile(fn, dynamic=dynamic), valid_output=valid)
 
 
-@functools.lru_cache(maxsize=None)
-def compile_available() -> bool:
-    """True when ``torch.compile`` works here (it needs a C++ compiler on CPU)."""
-    return compile_works()
+def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_rule: str = "floor",
+                    tile: bool = False, dtype: torch.dtype = torch.float32) -> Optional[QuantizedTensor]:
+    """:func:`fp4lib.quantize` with round-to-nearest, as compiled fused passes; the same bits.
+
+    ``x32``: contiguous float32, already checked by ``quantize``. Returns the
+    :class:`QuantizedTensor` (``dtype`` recorded as the original's), or ``None``
+    when the tensor holds NaN or Inf (the reference then raises its detailed
+    error), or when the case is one the kernels do not cover (a tensor with fewer
+    than one full bitsandbytes block, or a per-tensor tensor with an odd last axis).
+    """
+    shape = x32.shape
+    common = dict(shape=shape, dtype=dtype, scheme=scheme, block_size=block_size, rounding="nearest")
+    label = f"compiled quantize ({scheme}, {x32.device.type})"
+    if scheme in _BNB_FORMATS:
+        flat = x32.reshape(-1)
+        n = flat.numel()
+        full = n - n % block_size
+        if full == 0:
+            return None
+        if full < n and not bool(torch.isfinite(flat[full:]).all()):
+            return None
+        fmt = _BNB_FORMATS[scheme]
+        mids = tuple(float(m) for m in fmt._midpoints)
+        order = fmt._on(flat.device, "_order")
+        packed, absmax, finite = _verified("bnb").call(("bnb", scheme, block_size, flat.device.type), label,
+                                                       flat[:full].reshape(-1, block_size), mids, order)
+        if not bool(finite):
+            return None
+        if full < n:
+            tail = quantize(flat[full:], scheme, block_size=block_size, backend="reference")
+            packed = torch.cat([packed, tail.packed.reshape(-1)])
+            absmax = torch.cat([absmax, tail.scale])
+        return QuantizedTensor(packed=packed.unsqueeze(1), scale=absmax, **common)
+    if x32.dim() == 0 or shape[-1] % 2:
+        return None
+    x2 = x32.reshape(-1, shape[-1])
+    key = ("e2m1", scheme, scale_rule, tile, tuple(x2.shape), x32.device.type)
+    packed, scale, tensor_scale, clipped, finite = _verified("e2m1").call(key, label, x2, scheme, scale_rule, tile)
+    if not bool(finite):
+        return None
+    packed = packed.reshape(*shape[:-1], shape[-1] // 2)
+    if scheme == PER_TENSOR:
+        return QuantizedTensor(packed=packed, scale=scale, **common)
+    if scheme == "mxfp4":
+        n_blocks = scale.numel()
+        scale = scale.reshape(*shape[:-1], shape[-1] // MX_BLOCK_SIZE).view(torch.float8_e8m0fnu)
+        return QuantizedTensor(packed=packed, scale=scale, clip_fraction=float(clipped) / n_blocks, **common)
+    scale = scale if tile else scale.reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK_SIZE)
+    return QuantizedTensor(packed=packed, scale=scale, global_scale=tensor_scale, tile=tile, **common)
 
 
-def quantize_fast(
-    x: torch.Tensor, scheme: str, *, block_size: Optional[int] = None, compile: bool = True
-) -> QuantizedTensor:
-    """Bit-identical to ``fp4lib.quantize(x, scheme, block_size=...)``, faster.
+# ----------------------------------------------------------------------------
+# Training: the fake quantization of one 2-D GEMM operand
+# ----------------------------------------------------------------------------
+def _operand_blocks(x: torch.Tensor, axis: int, block: int, tile: bool):
+    rows, cols = x.shape
+    if tile:
+        return x.view(rows // NVFP4_TILE, NVFP4_TILE, cols // NVFP4_TILE, NVFP4_TILE), (1, 3)
+    if axis == 1:
+        return x.view(rows, cols // block, block), (2,)
+    return x.view(rows // block, block, cols), (1,)
 
-    Fast path: schemes ``"bnb_fp4"`` and ``"nf4"`` with round-to-nearest. Other
-    schemes go to the reference. ``compile=False`` runs the fused formulation
-    eagerly (useful to check it without a compiler).
+
+def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str):
+    """Stage 1 (reductions): ``(enc, dec_block, dec_tensor, finite)`` for :func:`_stage_apply`.
+
+    Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). MXFP4:
+    ``2^-e`` and ``2^e`` per block. NVFP4: ``s_enc_b``, ``s_dec_b`` per block and
+    the tensor's ``s_dec``. Block tensors have the block view's shape with the
+    reduced axes kept as size 1. ``finite``: 0-d bool, False when x holds NaN/Inf.
+    """
+    amax = x.abs().amax()
+    finite = torch.isfinite(amax)
+    if scheme == PER_TENSOR:
+        scale = e2m1_tensor_scale(amax)
+        return scale, scale, None, finite
+    block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+    v, dims = _operand_blocks(x, axis, block, tile)
+    amax_b = v.abs().amax(dim=dims, keepdim=True)
+    if scheme == "mxfp4":
+        e = mx_scale_exponents(amax_b, scale_rule)
+        return pow2(-e), pow2(e), None, finite
+    s_enc, s_dec = nvfp4_tensor_scale(amax)
+    s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec)
+    return s_enc_b, s_dec_b, s_dec, finite
+
+
+def _stage_apply(x: torch.Tensor, enc, dec_block, dec_tensor, finite, seed_t, scheme: str, axis: int,
+                 rounding: str, tile: bool):
+    """Stage 2 (elementwise): scale, round, decode; NaN everywhere unless ``finite``.
+
+    Returns ``(values, tensor_scale)``: each E2M1 value times its block's decode
+    scale, and the per-tensor decode scale (``None`` for MXFP4), which the GEMM
+    applies to its output.
+    """
+    rows, cols = x.shape
+    if scheme == PER_TENSOR:
+        scaled = x / enc
+    else:
+        block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+        scaled = _operand_blocks(x, axis, block, tile)[0] * enc
+    if rounding == "stochastic":
+        index = torch.arange(rows * cols, device=x.device, dtype=torch.int32).view(rows, cols)
+        if scheme != PER_TENSOR:
+            index = _operand_blocks(index, axis, block, tile)[0]
+        q = _round_stochastic(scaled, hash_uniform(index, seed_t))
+    else:
+        q = _round_nearest(scaled)
+    if scheme == PER_TENSOR:
+        return torch.where(finite, q, float("nan")), dec_block
+    out = q * dec_block  # exact: an E2M1 value times an E8M0 or E4M3 scale
+    return torch.where(finite, out.reshape(rows, cols), float("nan")), dec_tensor
+
+
+def fake_quant_fused(
+    x: torch.Tensor,
+    seed_t: torch.Tensor,
+    scheme: str,
+    axis: int,
+    rounding: str,
+    tile: bool = False,
+    scale_rule: str = "floor",
+    *,
+    stages=None,
+):
+    """Fake-quantize a 2-D float32 operand in two passes: block scales, then elementwise.
+
+    Parameters
+    ----------
+    x:
+        float32, shape ``(rows, cols)``, contiguous, fewer than 2**31 elements.
+    seed_t:
+        :func:`fp4lib.rounding.seed_term` of the stochastic-rounding seed (ignored
+        for ``"nearest"``): element ``(i, j)`` draws ``hash_uniform(i * cols + j, seed_t)``.
+    scheme:
+        ``"e2m1_per_tensor"``, ``"mxfp4"`` or ``"nvfp4"``.
+    axis:
+        0 or 1: the axis the blocks run along (the GEMM's reduction axis).
+    rounding:
+        ``"nearest"`` (ties to even) or ``"stochastic"``.
+    tile, scale_rule:
+        NVFP4 16x16 tiles; MXFP4 scale rule ``"floor"`` (OCP) or ``"ceil"``.
+    stages:
+        ``(scales_fn, apply_fn)`` to run instead of the two eager stages (the
+        compiled ones, see :func:`compiled_fake_quant`).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor or None)
+        ``(values, tensor_scale)``, bit for bit
+        ``fp4lib.fake_quantize(x, scheme, axis=axis, factored=True, ...)``:
+        float32 ``(rows, cols)``, each E2M1 value times its block's decode scale,
+        and the 0-d per-tensor decode scale (``None`` for MXFP4). Any NaN or +-Inf
+        in ``x`` makes every value NaN (as a GEMM on it would be).
 
     Examples
     --------
     >>> import torch
-    >>> from fp4lib import quantize
-    >>> x = torch.randn(4096)
-    >>> torch.equal(quantize_fast(x, "nf4", compile=False).packed, quantize(x, "nf4").packed)
-    True
+    >>> from fp4lib.rounding import seed_term
+    >>> x = torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4])
+    >>> values, scale = fake_quant_fused(x, seed_term(0), "e2m1_per_tensor", 1, "nearest")
+    >>> values[0, :4].tolist(), scale.item()  # E2M1 values; one scale, amax / 6
+    ([0.5, -1.0, 3.0, 6.0], 1.0)
     """
-    _check_input(x, scheme, "nearest", "raise")
-    bs = _check_block_size(scheme, block_size)
-    if scheme not in _FORMATS:
-        return quantize(x, scheme, block_size=block_size)
-    flat = x.contiguous().reshape(-1).float()
-    n = flat.numel()
-    full = n - n % bs
-    if full == 0:
-        return quantize(x, scheme, block_size=bs)
-    fmt = _FORMATS[scheme]
-    mids = tuple(float(m) for m in fmt._midpoints)
-    order = fmt._on(flat.device, "_order")
-    fn = _compiled_bnb() if compile and compile_available() else _bnb_blocks
-    if compile and not compile_available():
-        warnings.warn("torch.compile is unavailable here; quantize_fast runs its eager formulation")
-    packed, absmax = fn(flat[:full].reshape(-1, bs), mids, order)
-    if not bool(torch.isfinite(absmax).all()):
-        return quantize(x, scheme, block_size=bs)  # raises the detailed non-finite error
-    if full < n:
-        if not bool(torch.isfinite(flat[full:]).all()):
-            return quantize(x, scheme, block_size=bs)
-        tail = quantize(flat[full:], scheme, block_size=bs)
-        packed = torch.cat([packed, tail.packed.reshape(-1)])
-        absmax = torch.cat([absmax, tail.scale])
-    return QuantizedTensor(
-        packed=packed.unsqueeze(1), scale=absmax, shape=x.shape, dtype=x.dtype, scheme=scheme, block_size=bs
-    )
+    if x.numel() >= 2**31:
+        raise ValueError(f"x has {x.numel()} elements; the fused path indexes them with int32 (< 2**31)")
+    scales_fn, apply_fn = stages or (_stage_scales, _stage_apply)
+    enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule)
+    return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
+
+
+class _CompiledFakeQuant:
+    """:func:`fake_quant_fused` with both stages compiled, verified per spec, shape and device.
+
+    Each operand shape is its own static specialisation (a recipe needs a few
+    dozen): dynamic shapes compiled no faster here and ran the nvfp4 step about 2x
+    slower.
+    """
+
+    def __init__(self):
+        stages = (torch.compile(_stage_scales, dynamic=False), torch.compile(_stage_apply, dynamic=False))
+        self.kernel = VerifiedCompiled(fake_quant_fused, functools.partial(fake_quant_fused, stages=stages))
+
+    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule="floor"):
+        key = (scheme, axis, rounding, tile, scale_rule, tuple(x.shape), x.device.type)
+        label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
+                 f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type})")
+        return self.kernel.call(key, label, x, seed_t, scheme, axis, rounding, tile, scale_rule)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_fake_quant() -> Callable:
+    """:func:`fake_quant_fused` with both stages under ``torch.compile``, each
+    specialization verified against the eager stages on its first call; or the
+    eager function (with a warning from :func:`compile_works`) where compiling
+    does not work here.
+
+    The first call for each operand shape and spec compiles (seconds on a CPU;
+    inductor caches the kernels on disk for later processes).
+    """
+    if not compile_works():
+        return fake_quant_fused
+    return _CompiledFakeQuant()

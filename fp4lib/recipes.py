@@ -1,17 +1,21 @@
 """FP4 training recipes: which GEMM operands are quantized how, and which layers are not.
 
-A :class:`Recipe` is a :class:`~fp4lib.nn.LinearSpec` (the six operand specs of
+A :class:`Recipe` is a :class:`~fp4lib.specs.LinearSpec` (the six operand specs of
 every quantized linear) plus the exclusions: layers kept in high precision by
 name, the first and last transformer blocks kept in high precision, and an
 optional switch of every layer to high precision for the final stretch of
-training. :func:`apply_recipe` swaps a model's ``nn.Linear`` layers for
+training. Recipes are values built from arguments, in the manner of Transformer
+Engine's ``NVFP4BlockScaling(disable_rht=..., disable_stochastic_rounding=...)``:
+an ingredient is one keyword of :func:`nvfp4_recipe`, :func:`mxfp4_recipe` or
+:func:`naive_recipe`, and every named preset in :data:`RECIPES` is a call of one
+of them. :func:`apply_recipe` swaps a model's ``nn.Linear`` layers for
 :class:`~fp4lib.nn.FP4Linear` in one call.
 
 In every recipe the embeddings, the output head, the norms and the attention
 softmax and batched matmuls stay in high precision: only ``nn.Linear`` layers are
 ever swapped, and the head (``lm_head``) is excluded by name.
 
-The presets (chapter 4 of the book; ``RECIPES``):
+The presets (chapters 4 and 5 of the book):
 
 * ``bf16`` -- the baseline: nothing quantized (FP32 on a CPU, BF16 autocast on a GPU).
 * ``fp4_naive`` -- E2M1 with one absmax scale per tensor, round-to-nearest, on all
@@ -26,11 +30,10 @@ The presets (chapter 4 of the book; ``RECIPES``):
   precision (NVIDIA kept the last 8 of 62 blocks, plus the first 2, in BF16: about
   one block at our depth of 4-6).
 
-Ablations switch one ingredient off at a time (:func:`ablate`): ``nvfp4_all_fp4``
-(no high-precision block), ``nvfp4_no_sr``, ``nvfp4_no_rht``, ``nvfp4_no_tiles``;
-``nvfp4_fwd_only`` / ``nvfp4_bwd_only`` quantize only the forward (Fprop) or only
-the backward (Dgrad, Wgrad) GEMMs; ``nvfp4_hp_final`` switches to high precision
-for the last 10% of the steps.
+Ablations of ``nvfp4``, one argument each: ``nvfp4_all_fp4`` (``hp_last_blocks=0``),
+``nvfp4_no_sr`` (``sr=False``), ``nvfp4_no_rht`` (``rht=0``), ``nvfp4_no_tiles``
+(``tiles=False``), ``nvfp4_fwd_only`` / ``nvfp4_bwd_only`` (``backward=False`` /
+``forward=False``) and ``nvfp4_hp_final`` (``hp_final_fraction=0.1``).
 """
 
 from __future__ import annotations
@@ -43,14 +46,17 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .nn import OFF, FP4Linear, LinearSpec, QuantSpec, mix_seed
+from .fake_quant import mix_seed
+from .nn import FP4Linear
+from .specs import OFF, LinearSpec, QuantSpec
 
 __all__ = [
     "Recipe",
     "RECIPES",
-    "ABLATIONS",
+    "nvfp4_recipe",
+    "mxfp4_recipe",
+    "naive_recipe",
     "get_recipe",
-    "ablate",
     "apply_recipe",
     "set_quantization",
     "quantized_layers",
@@ -120,106 +126,124 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------
-# Presets
+# Recipes from arguments
 # ----------------------------------------------------------------------------
-def _naive() -> LinearSpec:
-    return LinearSpec.uniform(QuantSpec("e2m1_per_tensor"))
+_FORWARD_ROLES = ("fprop_x", "fprop_w")
+_BACKWARD_ROLES = ("dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")
 
 
-def _mxfp4() -> LinearSpec:
-    fwd = QuantSpec("mxfp4")
-    bwd = QuantSpec("mxfp4", rounding="stochastic", hadamard=MX_BACKWARD_HADAMARD, scale_rule="ceil")
-    return LinearSpec(fprop_x=fwd, fprop_w=fwd, dgrad_dy=bwd, dgrad_w=bwd, wgrad_dy=bwd, wgrad_x=bwd)
+def _where(linear: LinearSpec, forward: bool, backward: bool) -> LinearSpec:
+    """``linear`` with the forward (Fprop) or backward (Dgrad, Wgrad) operands switched off."""
+    if not (forward or backward):
+        raise ValueError("forward and backward are both False: the recipe would quantize nothing")
+    off = (() if forward else _FORWARD_ROLES) + (() if backward else _BACKWARD_ROLES)
+    return linear.replace(**{r: OFF for r in off})
 
 
-def _nvfp4() -> LinearSpec:
-    act = QuantSpec("nvfp4")
-    weight = QuantSpec("nvfp4", tile=True)
-    grad = QuantSpec("nvfp4", rounding="stochastic")
-    return LinearSpec(
-        fprop_x=act,
-        fprop_w=weight,
-        dgrad_dy=grad,
-        dgrad_w=weight,
-        wgrad_dy=dataclasses.replace(grad, hadamard=NV_WGRAD_HADAMARD),
-        wgrad_x=dataclasses.replace(act, hadamard=NV_WGRAD_HADAMARD),
-    )
+def _excluded_blocks(hp_first_blocks: int, hp_last_blocks: int) -> str:
+    parts = []
+    if hp_first_blocks:
+        parts.append(f"first {hp_first_blocks}")
+    if hp_last_blocks:
+        parts.append(f"last {hp_last_blocks}")
+    return f"; {' and '.join(parts)} block(s) in high precision" if parts else ""
 
 
-BF16 = Recipe("bf16", "baseline: no quantization (FP32 on CPU, BF16 autocast on GPU)")
-FP4_NAIVE = Recipe("fp4_naive", "E2M1, one absmax scale per tensor, round-to-nearest, all GEMMs, every block", _naive())
-MXFP4 = Recipe(
-    "mxfp4",
-    "MXFP4 (E8M0 scale per 32) on all GEMMs; RTN forward; SR + random Hadamard 32 backward",
-    _mxfp4(),
-)
-NVFP4 = Recipe(
-    "nvfp4",
-    "NVFP4 (E4M3 scale per 16 + FP32 per tensor) on all GEMMs; 16x16 weight tiles; SR on gradients; "
-    "random Hadamard 16 on Wgrad inputs; last block in high precision",
-    _nvfp4(),
-    hp_last_blocks=NVIDIA_HP_LAST_BLOCKS,
-)
-
-ABLATIONS = ("hp_blocks", "sr", "rht", "tiles", "backward", "forward")
-"""Ingredients :func:`ablate` can switch off."""
+def _gemms(forward: bool, backward: bool) -> str:
+    return "all GEMMs" if forward and backward else ("Fprop only" if forward else "Dgrad and Wgrad only")
 
 
-def ablate(recipe: Recipe, ingredient: str) -> Recipe:
-    """The recipe with one ingredient switched off.
+def nvfp4_recipe(*, sr: bool = True, rht: int = NV_WGRAD_HADAMARD, tiles: bool = True, hp_first_blocks: int = 0,
+                 hp_last_blocks: int = NVIDIA_HP_LAST_BLOCKS, forward: bool = True, backward: bool = True,
+                 hp_final_fraction: float = 0.0, name: str = "nvfp4") -> Recipe:
+    """NVIDIA's NVFP4 recipe, each ingredient an argument.
 
-    ``ingredient``: ``"hp_blocks"`` (quantize every block), ``"sr"`` (round to
-    nearest everywhere), ``"rht"`` (no random Hadamard), ``"tiles"`` (1x16 weight
-    blocks along each GEMM's reduction axis instead of 16x16 tiles),
-    ``"backward"`` (Dgrad and Wgrad in high precision: forward-only FP4) or
-    ``"forward"`` (Fprop in high precision: backward-only FP4).
+    ``sr``: stochastic rounding of the gradient dY (Dgrad and Wgrad); ``rht``:
+    random Hadamard size on the Wgrad inputs (0: off); ``tiles``: one scale per
+    16x16 weight tile (else 1x16 blocks along each GEMM's reduction axis);
+    ``hp_first_blocks`` / ``hp_last_blocks``: transformer blocks kept in high
+    precision; ``forward`` / ``backward``: quantize Fprop / Dgrad and Wgrad;
+    ``hp_final_fraction``: the last fraction of the steps in high precision.
 
     Examples
     --------
-    >>> ablate(get_recipe("nvfp4"), "sr").linear.dgrad_dy.rounding
-    'nearest'
+    >>> r = nvfp4_recipe(sr=False, name="nvfp4_no_sr")
+    >>> r.linear.dgrad_dy.rounding, r.hp_last_blocks
+    ('nearest', 1)
     """
-    if ingredient not in ABLATIONS:
-        raise ValueError(f"ingredient must be one of {ABLATIONS}, got {ingredient!r}")
-    if recipe.linear is None:
-        raise ValueError(f"recipe {recipe.name!r} quantizes nothing; there is nothing to ablate")
-    lin = recipe.linear
-    if ingredient == "hp_blocks":
-        return recipe.replace(name=f"{recipe.name}_all_fp4", hp_first_blocks=0, hp_last_blocks=0,
-                              description=recipe.description + "; ablation: every block in FP4")
-    if ingredient in ("backward", "forward"):
-        off = ("dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x") if ingredient == "backward" else ("fprop_x", "fprop_w")
-        suffix = "fwd_only" if ingredient == "backward" else "bwd_only"
-        return recipe.replace(name=f"{recipe.name}_{suffix}", linear=lin.replace(**{r: OFF for r in off}),
-                              description=recipe.description + f"; ablation: {'forward' if ingredient == 'backward' else 'backward'} GEMMs only")
-    changes = {}
-    for role in ("fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x"):
-        s = getattr(lin, role)
-        if ingredient == "sr" and s.rounding == "stochastic":
-            changes[role] = dataclasses.replace(s, rounding="nearest")
-        elif ingredient == "rht" and s.hadamard:
-            changes[role] = dataclasses.replace(s, hadamard=0)
-        elif ingredient == "tiles" and s.tile:
-            changes[role] = dataclasses.replace(s, tile=False)
-    return recipe.replace(name=f"{recipe.name}_no_{ingredient}", linear=lin.replace(**changes),
-                          description=recipe.description + f"; ablation: no {ingredient}")
+    act = QuantSpec("nvfp4")
+    weight = QuantSpec("nvfp4", tile=tiles)
+    grad = QuantSpec("nvfp4", rounding="stochastic" if sr else "nearest")
+    linear = LinearSpec(
+        fprop_x=act, fprop_w=weight, dgrad_dy=grad, dgrad_w=weight,
+        wgrad_dy=dataclasses.replace(grad, hadamard=rht), wgrad_x=dataclasses.replace(act, hadamard=rht),
+    )
+    desc = ("NVFP4 (E4M3 scale per 16 + FP32 per tensor) on " + _gemms(forward, backward)
+            + ("; 16x16 weight tiles" if tiles else "; 1x16 weight blocks")
+            + ("; SR on gradients" if sr else "; round-to-nearest everywhere")
+            + (f"; random Hadamard {rht} on Wgrad inputs" if rht else "")
+            + _excluded_blocks(hp_first_blocks, hp_last_blocks)
+            + (f"; the last {hp_final_fraction:.0%} of steps in high precision" if hp_final_fraction else ""))
+    return Recipe(name, desc, _where(linear, forward, backward), hp_first_blocks=hp_first_blocks,
+                  hp_last_blocks=hp_last_blocks, hp_final_fraction=hp_final_fraction)
 
 
-def _presets() -> Dict[str, Recipe]:
-    out = {r.name: r for r in (BF16, FP4_NAIVE, MXFP4, NVFP4)}
-    for ing in ABLATIONS:
-        r = ablate(NVFP4, ing)
-        out[r.name] = r
-    final = NVFP4.replace(name="nvfp4_hp_final", hp_final_fraction=HP_FINAL_FRACTION,
-                          description=NVFP4.description + f"; the last {HP_FINAL_FRACTION:.0%} of steps in high precision")
-    out[final.name] = final
-    return out
+def mxfp4_recipe(*, sr: bool = True, rht: int = MX_BACKWARD_HADAMARD, backward_scale_rule: str = "ceil",
+                 hp_first_blocks: int = 0, hp_last_blocks: int = 0, forward: bool = True, backward: bool = True,
+                 hp_final_fraction: float = 0.0, name: str = "mxfp4") -> Recipe:
+    """MXFP4 training after Tseng et al. and Quartet: RTN forward (OCP scale rule);
+    backward with stochastic rounding (``sr``), a random Hadamard of size ``rht`` along
+    each backward GEMM's reduction axis, and ``backward_scale_rule`` (``"ceil"``: no clipping).
+
+    Examples
+    --------
+    >>> mxfp4_recipe().linear.wgrad_x.short()
+    'mxfp4/sr/rht32/ceil'
+    """
+    fwd = QuantSpec("mxfp4")
+    bwd = QuantSpec("mxfp4", rounding="stochastic" if sr else "nearest", hadamard=rht, scale_rule=backward_scale_rule)
+    linear = LinearSpec(fprop_x=fwd, fprop_w=fwd, dgrad_dy=bwd, dgrad_w=bwd, wgrad_dy=bwd, wgrad_x=bwd)
+    desc = ("MXFP4 (E8M0 scale per 32) on " + _gemms(forward, backward) + "; RTN forward"
+            + ("; SR" if sr else "; RTN") + (f" + random Hadamard {rht}" if rht else "") + " backward"
+            + _excluded_blocks(hp_first_blocks, hp_last_blocks)
+            + (f"; the last {hp_final_fraction:.0%} of steps in high precision" if hp_final_fraction else ""))
+    return Recipe(name, desc, _where(linear, forward, backward), hp_first_blocks=hp_first_blocks,
+                  hp_last_blocks=hp_last_blocks, hp_final_fraction=hp_final_fraction)
 
 
-RECIPES: Dict[str, Recipe] = _presets()
-"""Named recipes: ``bf16``, ``fp4_naive``, ``mxfp4``, ``nvfp4`` and the nvfp4
-ablations ``nvfp4_all_fp4``, ``nvfp4_no_sr``, ``nvfp4_no_rht``, ``nvfp4_no_tiles``,
-``nvfp4_fwd_only``, ``nvfp4_bwd_only``, ``nvfp4_hp_final``."""
+def naive_recipe(*, hp_first_blocks: int = 0, hp_last_blocks: int = 0, name: str = "fp4_naive") -> Recipe:
+    """E2M1 with one absmax scale per tensor, round-to-nearest, on every GEMM operand.
+
+    Examples
+    --------
+    >>> naive_recipe().linear.wgrad_dy.short()
+    'e2m1_per_tensor/rtn'
+    """
+    desc = "E2M1, one absmax scale per tensor, round-to-nearest, all GEMMs" + (
+        _excluded_blocks(hp_first_blocks, hp_last_blocks) or ", every block")
+    return Recipe(name, desc, LinearSpec.uniform(QuantSpec("e2m1_per_tensor")), hp_first_blocks=hp_first_blocks,
+                  hp_last_blocks=hp_last_blocks)
+
+
+BF16 = Recipe("bf16", "baseline: no quantization (FP32 on CPU, BF16 autocast on GPU)")
+
+RECIPES: Dict[str, Recipe] = {r.name: r for r in (
+    BF16,
+    naive_recipe(),
+    mxfp4_recipe(),
+    nvfp4_recipe(),
+    nvfp4_recipe(hp_last_blocks=0, name="nvfp4_all_fp4"),
+    nvfp4_recipe(sr=False, name="nvfp4_no_sr"),
+    nvfp4_recipe(rht=0, name="nvfp4_no_rht"),
+    nvfp4_recipe(tiles=False, name="nvfp4_no_tiles"),
+    nvfp4_recipe(backward=False, name="nvfp4_fwd_only"),
+    nvfp4_recipe(forward=False, name="nvfp4_bwd_only"),
+    nvfp4_recipe(hp_final_fraction=HP_FINAL_FRACTION, name="nvfp4_hp_final"),
+)}
+"""Named recipes, each a call of a builder above: ``bf16``, ``fp4_naive``,
+``mxfp4``, ``nvfp4`` and the nvfp4 ablations ``nvfp4_all_fp4``, ``nvfp4_no_sr``,
+``nvfp4_no_rht``, ``nvfp4_no_tiles``, ``nvfp4_fwd_only``, ``nvfp4_bwd_only``,
+``nvfp4_hp_final``."""
 
 
 def get_recipe(name: str) -> Recipe:

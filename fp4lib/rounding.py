@@ -1,8 +1,14 @@
-"""Rounding onto a grid of representable values: round-to-nearest and stochastic.
+"""Rounding onto a grid of representable values, and the random draws of stochastic rounding.
 
 Chapter 1 of the book introduces both modes; chapter 4 shows why gradients need the
 stochastic one. The format-specific tie rules (ties to even for E2M1, ties to the
 lower value for bitsandbytes' tables) live in :mod:`fp4lib.formats`.
+
+Stochastic rounding draws its uniforms either from a ``torch.Generator``
+(:meth:`fp4lib.formats.ElementFormat.encode`) or, inside training, from
+:func:`hash_uniform`: a counter-based hash of the element index and a seed, which
+needs no generator state, can be recomputed anywhere, and fuses into a compiled
+kernel. :func:`cheap_uniform` lays those draws out for a whole tensor.
 """
 
 from __future__ import annotations
@@ -11,9 +17,19 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ROUNDING_MODES", "check_rounding", "stochastic_round_index", "cheap_uniform"]
+__all__ = ["ROUNDING_MODES", "check_rounding", "stochastic_round_index", "seed_term", "hash_uniform",
+           "cheap_uniform"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
+
+# The "lowbias32" integer hash finaliser; the top 24 bits of the hash become the float.
+_GOLDEN = 0x9E3779B1  # multiplies the element index
+_SEED_MUL = 0x85EBCA77  # multiplies the seed
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+_MASK32 = 0xFFFFFFFF
+_U24 = 1.0 / (1 << 24)
+MAX_HASH_INDEX = 2**31  # element indices are int32
 
 
 def check_rounding(rounding: str) -> None:
@@ -47,14 +63,51 @@ def stochastic_round_index(x: torch.Tensor, grid: torch.Tensor, u: torch.Tensor)
     return lo_idx + (u < p_up).to(lo_idx.dtype)
 
 
+def _wrap32(c: int) -> int:
+    """A 32-bit constant as the int32 with the same bits."""
+    c &= _MASK32
+    return c - (1 << 32) if c >= (1 << 31) else c
+
+
+def seed_term(seed: int) -> torch.Tensor:
+    """The seed's share of the hash, ``seed * 0x85EBCA77 mod 2**32``, as an int32 0-d tensor.
+
+    Computed once per call in Python, so that a compiled kernel is not
+    re-specialised for every step's seed and needs no 64-bit multiplies.
+    """
+    return torch.tensor(_wrap32(int(seed) * _SEED_MUL), dtype=torch.int32)
+
+
+def hash_uniform(index: torch.Tensor, seed_t: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws for int32 element indices.
+
+    ``index``: int32 tensor of element indices (any shape, values below 2**31);
+    ``seed_t``: :func:`seed_term` of the seed. The draw for element ``i`` depends
+    only on ``(seed, i)``: a 32-bit xorshift-multiply finaliser in wrapping int32
+    arithmetic (logical shifts written as arithmetic shifts plus masks), which
+    vectorizes without 64-bit multiplies and fuses into the kernel that uses it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> u = hash_uniform(torch.arange(4, dtype=torch.int32), seed_term(5))
+    >>> bool(((u >= 0) & (u < 1)).all()), torch.equal(u, hash_uniform(torch.arange(4, dtype=torch.int32), seed_term(5)))
+    (True, True)
+    """
+    h = index * _wrap32(_GOLDEN) + seed_t
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _wrap32(_MUL1)
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _wrap32(_MUL2)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * _U24
+
+
 def cheap_uniform(shape, seed: int, device: Optional[torch.device] = None, offset: int = 0) -> torch.Tensor:
-    """Uniform [0, 1) float32 draws from a counter-based integer hash.
+    """:func:`hash_uniform` draws for a whole tensor: element ``i`` (row-major) gets index ``offset + i``.
 
     A deterministic alternative to ``torch.rand`` for stochastic rounding inside
-    training: the draw for element ``i`` depends only on ``(seed, offset + i)``, so
-    it needs no generator state and can be recomputed anywhere. The hash is a
-    32-bit xorshift-multiply finaliser (the "lowbias32" constants); the top 24 bits
-    become the float.
+    training (no generator state). ``offset + numel`` must stay below 2**31.
 
     Examples
     --------
@@ -65,11 +118,7 @@ def cheap_uniform(shape, seed: int, device: Optional[torch.device] = None, offse
     n = 1
     for s in shape:
         n *= int(s)
-    idx = torch.arange(offset, offset + n, device=device, dtype=torch.int64)
-    h = (idx * 0x9E3779B1 + seed * 0x85EBCA77) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(tuple(shape))
+    if not (0 <= offset and offset + n < MAX_HASH_INDEX):
+        raise ValueError(f"offset + numel = {offset + n} must lie in [0, 2**31): the hash indexes elements with int32")
+    idx = torch.arange(offset, offset + n, device=device, dtype=torch.int32)
+    return hash_uniform(idx, seed_term(seed).to(idx.device)).reshape(tuple(shape))

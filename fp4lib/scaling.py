@@ -26,6 +26,12 @@ from typing import Optional, Tuple
 import torch
 
 from .constants import (
+    BNB_ABSMAX_FLOOR,
+    E2M1_EMAX,
+    E8M0_NAN,
+    FLOAT32_EXP_BIAS,
+    FLOAT32_MAN_BITS,
+    MX_SCALE_RULES,
     BNB_BLOCK_SIZES,
     BNB_DEFAULT_BLOCK_SIZE,
     BNB_NESTED_BLOCK_SIZE,
@@ -54,17 +60,33 @@ __all__ = [
     "quantize",
     "fake_quantize",
     "dynamic_map_8bit",
+    "pow2",
+    "e2m1_tensor_scale",
+    "bnb_scale_blocks",
+    "bnb_scale_tail",
     "mx_scale_exponents",
     "nvfp4_tensor_scale",
+    "nvfp4_block_scales",
+    "PER_TENSOR",
+    "BACKENDS",
 ]
 
-SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4")
+PER_TENSOR = "e2m1_per_tensor"
+SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4", PER_TENSOR)
 NONFINITE_MODES = ("raise", "zero")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MX_SCALE_RULES = ("floor", "ceil")
+BACKENDS = ("auto", "reference", "compiled")
+"""``quantize``'s paths: ``"reference"`` (this module, one tensor operation at a
+time), ``"compiled"`` (:mod:`fp4lib.kernels`, the same bits in one fused pass) and
+``"auto"`` (compiled for large tensors where ``torch.compile`` works, else the
+reference)."""
+FAST_MIN_NUMEL = 1 << 16
+"""``backend="auto"`` compiles from this many elements on; below, compiling costs more than it saves."""
 
-_ELEMENT_FORMAT = {"bnb_fp4": BNB_FP4, "nf4": NF4, "mxfp4": E2M1, "nvfp4": E2M1}
-_NIBBLE_ORDER = {"bnb_fp4": "high_first", "nf4": "high_first", "mxfp4": "low_first", "nvfp4": "low_first"}
+_ELEMENT_FORMAT = {"bnb_fp4": BNB_FP4, "nf4": NF4, "mxfp4": E2M1, "nvfp4": E2M1, PER_TENSOR: E2M1}
+_NIBBLE_ORDER = {"bnb_fp4": "high_first", "nf4": "high_first", "mxfp4": "low_first", "nvfp4": "low_first",
+                 PER_TENSOR: "low_first"}
+_BNB_SCHEMES = ("bnb_fp4", "nf4")
 
 
 # ----------------------------------------------------------------------------
@@ -109,11 +131,13 @@ class QuantizedTensor:
         ``nested`` is set, as in bitsandbytes). MXFP4: ``torch.float8_e8m0fnu``,
         shape ``(*shape[:-1], shape[-1] // 32)``. NVFP4: ``torch.float8_e4m3fn``
         block decode scales, shape ``(*shape[:-1], shape[-1] // 16)``, or
-        ``(rows // 16, cols // 16)`` for 16x16 tiles.
+        ``(rows // 16, cols // 16)`` for 16x16 tiles. ``"e2m1_per_tensor"``: the FP32
+        scale ``amax / 6``, 0-d.
     shape, dtype:
         Shape and dtype of the original tensor (and of :meth:`dequantize`).
     scheme, block_size, rounding:
-        How it was made. ``block_size`` is 16 for NVFP4 tiles (16x16).
+        How it was made. ``block_size`` is 16 for NVFP4 tiles (16x16) and 0 for
+        the per-tensor scheme (one block: the whole tensor).
     global_scale:
         NVFP4 only: the FP32 per-tensor decode scale ``s_dec`` (0-d); else ``None``.
     nested:
@@ -161,20 +185,22 @@ class QuantizedTensor:
 
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes: shape ``(n,)`` for bitsandbytes schemes, else ``shape``."""
-        if self.scheme in ("bnb_fp4", "nf4"):
+        if self.scheme in _BNB_SCHEMES:
             return unpack_nibbles(self.packed.reshape(-1), self.numel, "high_first")
         return unpack_nibbles(self.packed, self.shape[-1], "low_first")
 
     def block_scales(self) -> torch.Tensor:
         """Float32 decode scale of each block (absmax, 2^e, or s_dec_b * s_dec)."""
-        if self.scheme in ("bnb_fp4", "nf4"):
+        if self.scheme in _BNB_SCHEMES:
             return self.nested.decode() if self.nested is not None else self.scale
+        if self.scheme == PER_TENSOR:
+            return self.scale
         if self.scheme == "mxfp4":
             return _e8m0_to_float(self.scale)
         return self.scale.float() * self.global_scale
 
     def factored(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """MXFP4/NVFP4: ``(values, tensor_scale)``, the operand an FP4 GEMM sees.
+        """MXFP4/NVFP4/per-tensor: ``(values, tensor_scale)``, the operand an FP4 GEMM sees.
 
         ``values``: float32 of the original shape, each E2M1 value times its
         block's decode scale (E8M0 or E4M3), a product that is exact in float32
@@ -193,13 +219,15 @@ class QuantizedTensor:
         >>> round(float(s_dec) * 2688, 4), torch.equal(values * s_dec, q.dequantize())  # s_dec = amax / 2688
         (12.0, True)
         """
-        if self.scheme not in ("mxfp4", "nvfp4"):
-            raise ValueError(f"factored() applies to 'mxfp4' and 'nvfp4', not {self.scheme!r}")
+        if self.scheme in _BNB_SCHEMES:
+            raise ValueError(f"factored() applies to 'mxfp4', 'nvfp4' and 'e2m1_per_tensor', not {self.scheme!r}")
         vals = self.element_format.decode(self.codes())
+        if self.scheme == PER_TENSOR:
+            return vals, self.scale
         if self.scheme == "mxfp4":
-            return _expand_last(vals, _e8m0_to_float(self.scale), MX_BLOCK_SIZE), None
+            return _times_blocks(vals, _e8m0_to_float(self.scale), MX_BLOCK_SIZE, False), None
         s_dec_b = self.scale.float()
-        out = _expand_tiles(vals, s_dec_b) if self.tile else _expand_last(vals, s_dec_b, NVFP4_BLOCK_SIZE)
+        out = _times_blocks(vals, s_dec_b, NVFP4_BLOCK_SIZE, self.tile)
         return out, self.global_scale
 
     def dequantize(self) -> torch.Tensor:
@@ -214,7 +242,7 @@ class QuantizedTensor:
         >>> [round(v, 4) for v in q.dequantize().tolist()]
         [0.1667, -0.5, 1.0, 0.3333]
         """
-        if self.scheme in ("bnb_fp4", "nf4"):
+        if self.scheme in _BNB_SCHEMES:
             vals = self.element_format.decode(self.codes())
             out = _times_block_scale(vals, self.block_scales(), self.block_size)
             return out.to(self.dtype).reshape(self.shape)
@@ -273,28 +301,28 @@ def _times_block_scale(vals: torch.Tensor, scale: torch.Tensor, block_size: int)
     return out
 
 
-def _expand_last(vals: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    shape = vals.shape
-    v = vals.reshape(*shape[:-1], shape[-1] // block, block)
-    return (v * scale.unsqueeze(-1)).reshape(shape)
-
-
-def _expand_tiles(vals: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    r, c = vals.shape
-    t = NVFP4_TILE
-    v = vals.reshape(r // t, t, c // t, t)
-    return (v * scale[:, None, :, None]).reshape(r, c)
-
-
 def _e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     e = scale.view(torch.uint8).to(torch.int32) - E8M0_EXP_BIAS
-    out = torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)
-    return torch.where(scale.view(torch.uint8) == 0xFF, torch.full_like(out, float("nan")), out)
+    out = pow2(e.clamp(max=E8M0_MAX_EXP))
+    return torch.where(scale.view(torch.uint8) == E8M0_NAN, torch.full_like(out, float("nan")), out)
 
 
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """Exact float32 2**e for integer e in [-149, 127]."""
-    return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e.to(torch.int32))
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**e`` for int32 ``e`` in [-127, 127], built from its bits.
+
+    Works the same eagerly and in compiled kernels (no ``ldexp``): the float32
+    exponent field is ``e + 127``; ``2**-127`` is a subnormal, made as ``2**-126 / 2``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pow2(torch.tensor([-127, -1, 0, 3, 127], dtype=torch.int32)).tolist() == [2.0**-127, 0.5, 1.0, 8.0, 2.0**127]
+    True
+    """
+    e = e.to(torch.int32)
+    normal = ((e.clamp(min=-126) + FLOAT32_EXP_BIAS) << FLOAT32_MAN_BITS).view(torch.float32)
+    sub = ((e.clamp(max=126) + 1 + FLOAT32_EXP_BIAS) << FLOAT32_MAN_BITS).view(torch.float32) * 0.5
+    return torch.where(e >= -126, normal, sub)
 
 
 def dynamic_map_8bit() -> torch.Tensor:
@@ -373,7 +401,11 @@ def _check_input(x, scheme: str, rounding: str, nonfinite: str) -> None:
 
 
 def _check_block_size(scheme: str, block_size: Optional[int]) -> int:
-    if scheme in ("bnb_fp4", "nf4"):
+    if scheme == PER_TENSOR:
+        if block_size is not None:
+            raise ValueError(f"'{PER_TENSOR}' has one scale for the whole tensor; block_size must be None, got {block_size!r}")
+        return 0
+    if scheme in _BNB_SCHEMES:
         bs = BNB_DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if bs not in BNB_BLOCK_SIZES:
             raise ValueError(f"block_size for {scheme!r} must be one of {BNB_BLOCK_SIZES}, got {block_size!r}")
@@ -403,34 +435,51 @@ def _handle_nonfinite(x: torch.Tensor, nonfinite: str) -> Tuple[torch.Tensor, in
 
 
 # ----------------------------------------------------------------------------
-# Scheme kernels: float32 input -> (codes, scales, extras)
+# Scale arithmetic: written once, used by the reference below and by the
+# compiled kernels of fp4lib.kernels (plain tensor operations only)
 # ----------------------------------------------------------------------------
-def _bnb_codes(x32: torch.Tensor, fmt: ElementFormat, block_size: int, rounding: str, generator):
-    """bitsandbytes' CPU quantize_4bit arithmetic, step for step."""
-    flat = x32.reshape(-1)
-    n = flat.numel()
-    rem = n % block_size
-    full = n - rem
-    blocks = full // block_size
-    a = flat[:full].reshape(blocks, block_size)
-    absmax = a.abs().amax(dim=-1)
-    scaled = torch.clamp(a * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if rem:
-        # The partial last block divides (not multiplies) and stores its clamped
-        # absmax: both as bitsandbytes does, so the bytes agree.
-        am = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
-    return fmt.encode(scaled, rounding, generator), absmax
+def e2m1_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """One E2M1 scale for a whole tensor: ``amax / 6`` (1 when amax is 0), float32.
+
+    Examples
+    --------
+    >>> import torch
+    >>> e2m1_tensor_scale(torch.tensor([12.0, 0.0])).tolist()
+    [2.0, 1.0]
+    """
+    return torch.where(amax > 0, amax / E2M1_MAX, torch.ones_like(amax))
+
+
+def bnb_scale_blocks(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' full blocks: ``(clamp(x * (1 / absmax), -1, 1), absmax)``.
+
+    ``blocks``: float32 ``(..., block_size)``. Multiplying by the reciprocal (of
+    the absmax clamped to at least 1e-38) is bitsandbytes' own arithmetic, which
+    is what makes the codes bit-identical to its ``quantize_4bit``.
+    """
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=BNB_ABSMAX_FLOOR)).unsqueeze(-1), -1, 1)
+    return scaled, absmax
+
+
+def bnb_scale_tail(tail: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' partial last block: ``(clamp(x / absmax, -1, 1), absmax)``.
+
+    ``tail``: float32 ``(..., n)`` with ``n`` less than the block size. This block
+    divides (not multiplies) and keeps its clamped absmax: both as bitsandbytes does.
+    """
+    am = tail.abs().amax(dim=-1, keepdim=True).clamp(min=BNB_ABSMAX_FLOOR)
+    return torch.clamp(tail / am, -1, 1), am.squeeze(-1)
 
 
 def mx_scale_exponents(amax: torch.Tensor, scale_rule: str = "floor") -> torch.Tensor:
-    """Unbiased E8M0 exponents of MXFP4 block scales from block amax values.
+    """Unbiased E8M0 exponents (int32) of MXFP4 block scales from float32 block amax values.
 
     ``"floor"`` (OCP MX v1.0): ``floor(log2(amax)) - 2``, so ``amax / X`` lies in
     [4, 8) and a block maximum above 6 X saturates. ``"ceil"``: the smallest ``e``
-    with ``amax <= 6 * 2^e`` (never clips). Computed exactly with ``frexp``;
-    clamped to [-127, 127]; an all-zero block gets -127.
+    with ``amax <= 6 * 2^e`` (never clips). ``floor(log2(amax))`` is read exactly
+    from the float32 exponent field; the result is clamped to [-127, 127], and an
+    all-zero block gets -127.
 
     Examples
     --------
@@ -442,26 +491,13 @@ def mx_scale_exponents(amax: torch.Tensor, scale_rule: str = "floor") -> torch.T
     """
     if scale_rule not in MX_SCALE_RULES:
         raise ValueError(f"scale_rule must be one of {MX_SCALE_RULES}, got {scale_rule!r}")
-    _, ex = torch.frexp(amax)  # amax = m * 2^ex, m in [0.5, 1): floor(log2 amax) = ex - 1
-    e = ex.to(torch.int32) - 1 - 2  # 2 = emax of E2M1 (6 = 1.5 * 2^2)
+    amax = amax.float()
+    field = (amax.view(torch.int32) >> FLOAT32_MAN_BITS) & 0xFF  # biased exponent; subnormals read as 0
+    e = (field - FLOAT32_EXP_BIAS - E2M1_EMAX).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
     if scale_rule == "ceil":
-        e = e + (amax * _pow2(-e) > E2M1_MAX).to(torch.int32)
+        e = e + (amax * pow2(-e) > E2M1_MAX).to(torch.int32)
     e = torch.where(amax > 0, e, torch.full_like(e, E8M0_MIN_EXP))
     return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-
-
-def _mx_codes(x32: torch.Tensor, rounding: str, generator, scale_rule: str):
-    shape = x32.shape
-    blocks = x32.reshape(*shape[:-1], shape[-1] // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
-    amax = blocks.abs().amax(dim=-1)
-    e = mx_scale_exponents(amax, scale_rule)
-    inv = _pow2(-e)
-    scaled = blocks * inv.unsqueeze(-1)  # exact: a power of two
-    clipped = (amax * inv > E2M1_MAX) & (amax > 0)
-    clip_fraction = float(clipped.float().mean())
-    codes = E2M1.encode(scaled.reshape(shape), rounding, generator)
-    scale = (e + E8M0_EXP_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
-    return codes, scale, clip_fraction
 
 
 def nvfp4_tensor_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -484,33 +520,100 @@ def nvfp4_tensor_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return s_enc, 1.0 / s_enc
 
 
-def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, tile: bool):
-    shape = x32.shape
-    s_enc, s_dec = nvfp4_tensor_scale(x32.abs().max())
-    if tile:
-        r, c = shape
-        t = NVFP4_TILE
-        blocks = x32.reshape(r // t, t, c // t, t).permute(0, 2, 1, 3).reshape(r // t, c // t, t * t)
-    else:
-        blocks = x32.reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
-    amax_b = blocks.abs().amax(dim=-1)
-    s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn)  # RNE, saturating at 448
-    denom = s_dec_b.float() * s_dec
-    # A block whose scale rounds to 0 in E4M3 can only hold zeros: encode it as 0.
+def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 block scales ``(s_dec_b, s_enc_b)`` from block amax values and the tensor's scales.
+
+    ``s_dec_b = e4m3((amax_b / 6) * s_enc)`` (round to nearest even, saturating at
+    448), returned as float32 values of E4M3 numbers; ``s_enc_b = 1 / (s_dec_b * s_dec)``,
+    or 0 for a block whose scale rounds to 0 (it can only hold zeros).
+    """
+    s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn).to(torch.float32)
+    denom = s_dec_b * s_dec
     s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=FLOAT32_MAX)
+    return s_dec_b, s_enc_b
+
+
+# ----------------------------------------------------------------------------
+# The reference: float32 input -> (codes, scales, extras), one operation at a time
+# ----------------------------------------------------------------------------
+def _bnb_codes(x32: torch.Tensor, fmt: ElementFormat, block_size: int, rounding: str, generator, uniforms):
+    """bitsandbytes' CPU quantize_4bit arithmetic, step for step, on the flattened tensor."""
+    flat = x32.reshape(-1)
+    n = flat.numel()
+    full = n - n % block_size
+    scaled, absmax = bnb_scale_blocks(flat[:full].reshape(-1, block_size))
+    scaled = scaled.reshape(-1)
+    if full < n:
+        tail, am = bnb_scale_tail(flat[full:])
+        absmax = torch.cat([absmax, am.reshape(1)])
+        scaled = torch.cat([scaled, tail])
+    u = uniforms.reshape(-1) if uniforms is not None else None
+    return fmt.encode(scaled, rounding, generator, u), absmax
+
+
+def _block_view(x32: torch.Tensor, block: int, tile: bool) -> torch.Tensor:
+    """Blocks of ``block`` along the last axis, or 16x16 tiles of a matrix, as the last axis."""
     if tile:
-        r, c = shape
+        r, c = x32.shape
         t = NVFP4_TILE
-        scaled = x32.reshape(r // t, t, c // t, t) * s_enc_b[:, None, :, None]
-    else:
-        scaled = blocks * s_enc_b.unsqueeze(-1)
-    codes = E2M1.encode(scaled.reshape(shape), rounding, generator)
-    return codes, s_dec_b, s_dec
+        return x32.reshape(r // t, t, c // t, t).permute(0, 2, 1, 3).reshape(r // t, c // t, t * t)
+    return x32.reshape(*x32.shape[:-1], x32.shape[-1] // block, block)
+
+
+def _times_blocks(x32: torch.Tensor, per_block: torch.Tensor, block: int, tile: bool) -> torch.Tensor:
+    """``x32`` times one factor per block (or tile), in ``x32``'s shape."""
+    if tile:
+        r, c = x32.shape
+        t = NVFP4_TILE
+        return (x32.reshape(r // t, t, c // t, t) * per_block[:, None, :, None]).reshape(r, c)
+    return (_block_view(x32, block, False) * per_block.unsqueeze(-1)).reshape(x32.shape)
+
+
+def _mx_codes(x32: torch.Tensor, rounding: str, generator, uniforms, scale_rule: str):
+    amax = _block_view(x32, MX_BLOCK_SIZE, False).abs().amax(dim=-1)
+    e = mx_scale_exponents(amax, scale_rule)
+    inv = pow2(-e)
+    scaled = _times_blocks(x32, inv, MX_BLOCK_SIZE, False)  # exact: a power of two
+    clipped = (amax * inv > E2M1_MAX) & (amax > 0)
+    clip_fraction = int(clipped.sum()) / clipped.numel()
+    codes = E2M1.encode(scaled, rounding, generator, uniforms)
+    scale = (e + E8M0_EXP_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
+    return codes, scale, clip_fraction
+
+
+def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool):
+    s_enc, s_dec = nvfp4_tensor_scale(x32.abs().max())
+    amax_b = _block_view(x32, NVFP4_BLOCK_SIZE, tile).abs().amax(dim=-1)
+    s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec)
+    codes = E2M1.encode(_times_blocks(x32, s_enc_b, NVFP4_BLOCK_SIZE, tile), rounding, generator, uniforms)
+    return codes, s_dec_b.to(torch.float8_e4m3fn), s_dec
+
+
+def _per_tensor_codes(x32: torch.Tensor, rounding: str, generator, uniforms):
+    scale = e2m1_tensor_scale(x32.abs().max())
+    return E2M1.encode(x32 / scale, rounding, generator, uniforms), scale
 
 
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
+def _use_fast_path(backend: str, x: torch.Tensor, scheme: str, rounding: str, double_quant: bool,
+                   nonfinite: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    from .kernels import FAST_QUANTIZE_SCHEMES, compile_works
+
+    supported = scheme in FAST_QUANTIZE_SCHEMES and rounding == "nearest" and not double_quant and nonfinite == "raise"
+    if backend == "compiled":
+        if not supported:
+            raise ValueError(f"backend='compiled' covers schemes {FAST_QUANTIZE_SCHEMES} with rounding='nearest', "
+                             "no double_quant and nonfinite='raise'; use backend='auto' or 'reference' for the rest")
+        return compile_works()
+    return supported and x.numel() >= FAST_MIN_NUMEL and compile_works()
+
+
 def quantize(
     x: torch.Tensor,
     scheme: str,
@@ -518,10 +621,12 @@ def quantize(
     block_size: Optional[int] = None,
     rounding: str = "nearest",
     generator: Optional[torch.Generator] = None,
+    uniforms: Optional[torch.Tensor] = None,
     double_quant: bool = False,
     scale_rule: str = "floor",
     tile: bool = False,
     nonfinite: str = "raise",
+    backend: str = "auto",
 ) -> QuantizedTensor:
     """Quantize ``x`` to 4 bits with block scaling.
 
@@ -532,7 +637,9 @@ def quantize(
         their logical (row-major) order. float64 and integer tensors raise
         ``TypeError``; empty tensors raise ``ValueError``.
     scheme:
-        ``"bnb_fp4"``, ``"nf4"``, ``"mxfp4"`` or ``"nvfp4"`` (see the module docs).
+        ``"bnb_fp4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"`` (see the module docs) or
+        ``"e2m1_per_tensor"`` (E2M1 with one FP32 scale, amax / 6, for the whole
+        tensor: the naive scheme of chapter 2 and of the ``fp4_naive`` recipe).
     block_size:
         bitsandbytes schemes: one of 32, 64 (default), ..., 4096; the flattened
         tensor may end in a partial block, and a 0-d tensor is one block of one.
@@ -542,6 +649,9 @@ def quantize(
         ``"nearest"`` or ``"stochastic"`` (see :meth:`ElementFormat.encode`).
     generator:
         ``torch.Generator`` for stochastic rounding.
+    uniforms:
+        Stochastic rounding: the uniform [0, 1) draws, float32 of ``x``'s shape,
+        instead of ``generator`` (training uses :func:`fp4lib.rounding.cheap_uniform`).
     double_quant:
         bitsandbytes schemes only: quantize the absmax values to 8 bits in groups
         of 256 (bitsandbytes' ``compress_statistics=True``). The 4-bit codes,
@@ -556,6 +666,12 @@ def quantize(
         ``"raise"`` (default): NaN/Inf raise ``ValueError`` naming the count and
         first index. ``"zero"``: they are quantized as 0 (counted in
         ``nonfinite_count``), so they neither poison their block nor its scale.
+    backend:
+        ``"auto"`` (default): the compiled kernels of :mod:`fp4lib.kernels` for
+        tensors of at least :data:`FAST_MIN_NUMEL` elements where they apply
+        (round to nearest, no double quantization) and ``torch.compile`` works,
+        else this module's reference; ``"reference"``; ``"compiled"``. Every
+        path gives the same bits.
 
     Returns
     -------
@@ -575,7 +691,7 @@ def quantize(
     """
     _check_input(x, scheme, rounding, nonfinite)
     bs = _check_block_size(scheme, block_size)
-    if double_quant and scheme not in ("bnb_fp4", "nf4"):
+    if double_quant and scheme not in _BNB_SCHEMES:
         raise ValueError(f"double_quant applies to 'bnb_fp4' and 'nf4' only, not {scheme!r}")
     if scale_rule != "floor" and scheme != "mxfp4":
         raise ValueError(f"scale_rule applies to 'mxfp4' only, not {scheme!r}")
@@ -583,9 +699,14 @@ def quantize(
         raise ValueError(f"scale_rule must be one of {MX_SCALE_RULES}, got {scale_rule!r}")
     if tile and scheme != "nvfp4":
         raise ValueError(f"tile applies to 'nvfp4' only, not {scheme!r}")
+    if uniforms is not None:
+        if rounding != "stochastic":
+            raise ValueError("uniforms are the draws of stochastic rounding; pass rounding='stochastic'")
+        if not torch.is_tensor(uniforms) or uniforms.shape != x.shape:
+            raise ValueError(f"uniforms must be a tensor of x's shape {tuple(x.shape)}")
+    if scheme in ("mxfp4", "nvfp4", PER_TENSOR) and x.dim() == 0:
+        raise ValueError(f"{scheme} quantizes along the last axis; x is 0-d (pass x.reshape(1))")
     if scheme in ("mxfp4", "nvfp4"):
-        if x.dim() == 0:
-            raise ValueError(f"{scheme} scales blocks along the last axis; x is 0-d (pass x.reshape(1, -1) padded to {bs})")
         if tile:
             if x.dim() != 2 or x.shape[0] % NVFP4_TILE or x.shape[1] % NVFP4_TILE:
                 raise ValueError(f"tile=True needs a 2-D tensor with both sides multiples of 16, got shape {tuple(x.shape)}")
@@ -596,11 +717,17 @@ def quantize(
             )
 
     x32 = x.contiguous().float()
+    if _use_fast_path(backend, x32, scheme, rounding, double_quant, nonfinite):
+        from .kernels import quantize_packed
+
+        q = quantize_packed(x32, scheme, block_size=bs, scale_rule=scale_rule, tile=tile, dtype=x.dtype)
+        if q is not None:  # None: the input holds NaN or Inf, which the reference reports
+            return q
     x32, nonfinite_count = _handle_nonfinite(x32, nonfinite)
     common = dict(shape=x.shape, dtype=x.dtype, scheme=scheme, block_size=bs, rounding=rounding,
                   nonfinite_count=nonfinite_count)
-    if scheme in ("bnb_fp4", "nf4"):
-        codes, absmax = _bnb_codes(x32, _ELEMENT_FORMAT[scheme], bs, rounding, generator)
+    if scheme in _BNB_SCHEMES:
+        codes, absmax = _bnb_codes(x32, _ELEMENT_FORMAT[scheme], bs, rounding, generator, uniforms)
         if codes.numel() % 2:  # bitsandbytes pads with the code of 0.0 (7 in NF4)
             codes = torch.cat([codes, _ELEMENT_FORMAT[scheme].encode(torch.zeros(1, device=codes.device))])
         packed = pack_nibbles(codes, "high_first").unsqueeze(1)
@@ -608,21 +735,30 @@ def quantize(
             nested = _nested_quantize(absmax)
             return QuantizedTensor(packed=packed, scale=nested.codes, nested=nested, **common)
         return QuantizedTensor(packed=packed, scale=absmax, **common)
+    if scheme == PER_TENSOR:
+        codes, scale = _per_tensor_codes(x32, rounding, generator, uniforms)
+        return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=scale, **common)
     if scheme == "mxfp4":
-        codes, scale, clip = _mx_codes(x32, rounding, generator, scale_rule)
-        packed = pack_nibbles(codes, "low_first")
-        return QuantizedTensor(packed=packed, scale=scale, clip_fraction=clip, **common)
-    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, tile)
-    packed = pack_nibbles(codes, "low_first")
-    return QuantizedTensor(packed=packed, scale=s_dec_b, global_scale=s_dec, tile=tile, **common)
+        codes, scale, clip = _mx_codes(x32, rounding, generator, uniforms, scale_rule)
+        return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=scale, clip_fraction=clip, **common)
+    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile)
+    return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=s_dec_b, global_scale=s_dec, tile=tile,
+                           **common)
 
 
-def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, **kwargs) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, factored: bool = False, **kwargs):
     """Quantize then dequantize: the values a 4-bit kernel would see.
 
-    Same shape and dtype as ``x``. ``axis`` (MXFP4/NVFP4 without tiles) picks the
-    axis the blocks run along, e.g. the reduction axis of a GEMM operand; other
-    keyword arguments are those of :func:`quantize`.
+    Same shape and dtype as ``x``. ``axis`` (MXFP4/NVFP4 without tiles; any axis
+    for the per-tensor scheme) picks the axis the blocks run along, e.g. the
+    reduction axis of a GEMM operand; ``uniforms`` (stochastic rounding) are given
+    in ``x``'s layout. Other keyword arguments are those of :func:`quantize`.
+
+    ``factored=True`` (MXFP4, NVFP4, per-tensor) returns the GEMM operand form
+    instead, ``(values, tensor_scale)`` in float32 (see
+    :meth:`QuantizedTensor.factored`): the dequantized tensor is
+    ``values * tensor_scale``, where FP4 hardware applies ``tensor_scale`` to a
+    GEMM's output.
 
     Examples
     --------
@@ -632,14 +768,25 @@ def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, **kwargs) -> 
     [1.1667, 2.3333, 2.3333, -7.0]
     >>> fake_quantize(torch.tensor([1.0, 2.4, 2.6, -7.0] * 4), "nvfp4")[3].item()  # the max is exact
     -7.0
+    >>> values, scale = fake_quantize(torch.tensor([[0.3, -1.0, 2.9, 6.0]]), "e2m1_per_tensor", factored=True)
+    >>> values.tolist(), scale.item()
+    ([[0.5, -1.0, 3.0, 6.0]], 1.0)
     """
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    moved = x
     if axis not in (-1, x.dim() - 1):
-        if scheme not in ("mxfp4", "nvfp4") or kwargs.get("tile"):
-            raise ValueError("axis applies to 'mxfp4' and 'nvfp4' without tiles; bitsandbytes blocks run over the flattened tensor")
+        if scheme not in ("mxfp4", "nvfp4", PER_TENSOR) or kwargs.get("tile"):
+            raise ValueError("axis applies to 'mxfp4' and 'nvfp4' without tiles, and to 'e2m1_per_tensor'; "
+                             "bitsandbytes blocks run over the flattened tensor")
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
         moved = x.movedim(axis, -1)
-        return quantize(moved, scheme, **kwargs).dequantize().movedim(-1, axis)
-    return quantize(x, scheme, **kwargs).dequantize()
+        if kwargs.get("uniforms") is not None:
+            kwargs["uniforms"] = kwargs["uniforms"].movedim(axis, -1)
+    q = quantize(moved, scheme, **kwargs)
+    if not factored:
+        out = q.dequantize()
+        return out if moved is x else out.movedim(-1, axis)
+    values, tensor_scale = q.factored()
+    return (values if moved is x else values.movedim(-1, axis)), tensor_scale

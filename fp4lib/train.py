@@ -40,7 +40,7 @@ import torch
 
 from .data import TokenWindows, load_corpus, split_tokens, VAL_FRACTION
 from .model import GPT, GPTConfig
-from .nn import BACKEND_CHOICES
+from .fake_quant import BACKEND_CHOICES
 from .recipes import RECIPES, Recipe, apply_recipe, get_recipe, hp_switch_step, set_quantization
 from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, TrainingDiverged, TrainResult
 
@@ -51,39 +51,34 @@ FINAL_LINE_PREFIX = "final val_loss: "
 
 @dataclass(frozen=True)
 class Preset:
-    """A model size with its optimisation settings and corpus size."""
+    """A named run size: the model (:class:`~fp4lib.model.GPTConfig`), the optimisation
+    and bookkeeping settings (:class:`~fp4lib.trainer.TrainConfig`) and the corpus cut.
+
+    The defaults of both configs are the book's ``ci`` size; the other presets say
+    only where they differ. A run is a recipe, a preset and overrides
+    (:meth:`train_config`).
+    """
 
     name: str
     model: GPTConfig
-    batch_size: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    steps: int
-    eval_every: int
-    eval_batches: int
-    ckpt_every: int
+    train: TrainConfig
     corpus_bytes: Optional[int]
     description: str
 
     def train_config(self, **overrides) -> TrainConfig:
-        """The :class:`~fp4lib.trainer.TrainConfig` of this preset, with overrides."""
-        base = dict(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr,
-                    warmup_steps=self.warmup_steps, eval_every=self.eval_every, eval_batches=self.eval_batches,
-                    ckpt_every=self.ckpt_every)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return TrainConfig(**base)
+        """This preset's :class:`~fp4lib.trainer.TrainConfig` with the overrides that are not ``None``."""
+        return dataclasses.replace(self.train, **{k: v for k, v in overrides.items() if v is not None})
 
 
 PRESETS = {
-    "ci": Preset("ci", GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128), batch_size=32, lr=3e-3,
-                 min_lr=3e-4, warmup_steps=40, steps=400, eval_every=50, eval_batches=8, ckpt_every=100,
-                 corpus_bytes=8 * 1024 * 1024, description="CPU size for the book and CI: 0.84M parameters"),
-    "gpu": Preset("gpu", GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384), batch_size=64, lr=1e-3,
-                  min_lr=1e-4, warmup_steps=100, steps=2000, eval_every=100, eval_batches=16, ckpt_every=500,
+    "ci": Preset("ci", GPTConfig(), TrainConfig(), corpus_bytes=8 * 1024 * 1024,
+                 description="CPU size for the book and CI: 0.84M parameters"),
+    "gpu": Preset("gpu", GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
+                  TrainConfig(batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=100, steps=2000, eval_every=100,
+                              eval_batches=16, ckpt_every=500),
                   corpus_bytes=None, description="about 10x the ci size, for Colab or one GPU: 10.8M parameters"),
-    "tiny": Preset("tiny", GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32), batch_size=8, lr=3e-3,
-                   min_lr=3e-4, warmup_steps=5, steps=50, eval_every=10, eval_batches=2, ckpt_every=10,
+    "tiny": Preset("tiny", GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+                   TrainConfig(batch_size=8, warmup_steps=5, steps=50, eval_every=10, eval_batches=2, ckpt_every=10),
                    corpus_bytes=256 * 1024, description="tests and smoke runs: 27k parameters"),
 }
 

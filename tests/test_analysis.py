@@ -1,4 +1,4 @@
-"""Tests for fp4lib.analysis (metrics, four-panel figure, seed study) and fp4lib.plotting."""
+"""Tests for fp4lib.analysis (metrics, four-panel figure) and fp4lib.plotting."""
 
 import math
 
@@ -14,14 +14,10 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from fp4lib import fake_quantize, quantize  # noqa: E402
 from fp4lib.analysis import (  # noqa: E402
-    METRIC_LABELS,
-    bnb_fake_quantize_rows,
     error_metrics,
     four_panel_figure,
     quantized_nbytes,
     relative_error,
-    seed_distribution_figure,
-    seed_study,
     weight_error_metrics,
 )
 from fp4lib.plotting import BOOK_RC, FORMAT_COLORS, Table, format_color, use_book_style  # noqa: E402
@@ -167,67 +163,6 @@ def test_quantized_nbytes_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------
-# Batched bitsandbytes rounding and the seed study
-# ----------------------------------------------------------------------------
-@pytest.mark.parametrize("quant_type, scheme", [("fp4", "bnb_fp4"), ("nf4", "nf4")])
-@pytest.mark.parametrize("n, block_size", [(50, 64), (64, 64), (100, 64), (130, 32), (7, 32)])
-def test_bnb_fake_quantize_rows_matches_per_row_reference(quant_type, scheme, n, block_size):
-    x = torch.randn(12, n, generator=torch.Generator().manual_seed(n))
-    x[3] = 0.0  # an all-zero row
-    rows = bnb_fake_quantize_rows(x, quant_type, block_size)
-    for i in range(x.shape[0]):
-        ref = fake_quantize(x[i], scheme, block_size=block_size)
-        assert torch.equal(rows[i], ref), i
-
-
-def test_bnb_fake_quantize_rows_matches_bitsandbytes():
-    from fp4lib.bnb_bridge import bnb_dequantize, bnb_quantize
-
-    x = torch.randn(20, 50, generator=torch.Generator().manual_seed(5)) * 0.5
-    rows = bnb_fake_quantize_rows(x)
-    for i in range(20):
-        assert torch.equal(rows[i], bnb_dequantize(*bnb_quantize(x[i], "fp4", 64)))
-
-
-def test_bnb_fake_quantize_rows_rejects_bad_input():
-    with pytest.raises(TypeError):
-        bnb_fake_quantize_rows(torch.zeros(2, 4, dtype=torch.float64))
-    with pytest.raises(ValueError):
-        bnb_fake_quantize_rows(torch.zeros(8))
-    with pytest.raises(ValueError):
-        bnb_fake_quantize_rows(torch.zeros(2, 8), quant_type="e2m1")
-    with pytest.raises(ValueError):
-        bnb_fake_quantize_rows(torch.zeros(2, 8), block_size=16)
-    with pytest.raises(ValueError):
-        bnb_fake_quantize_rows(torch.tensor([[1.0, float("nan")]]))
-
-
-def test_seed_study_reproduces_global_seeding():
-    study = seed_study([0, 7, 123], n=50, std=0.5)
-    for row, s in enumerate([0, 7, 123]):
-        torch.manual_seed(s)
-        assert torch.equal(study.x_hp[row], torch.randn(50) * 0.5)
-        assert torch.equal(study.x_dq[row], fake_quantize(study.x_hp[row], "bnb_fp4"))
-    assert study.metrics["max_rel_error"].shape == (3,)
-    assert torch.equal(study.seeds, torch.tensor([0, 7, 123]))
-
-
-def test_seed_study_max_relative_error_bound():
-    # Chapter 3's derivation: above |x|/absmax = 33/12288 the fp4 relative error is at most 31/33.
-    study = seed_study(range(2000))
-    r = study.x_hp.abs() / study.x_hp.abs().amax(dim=1, keepdim=True)
-    tiny = (r < 33 / 12288).any(dim=1)
-    assert torch.equal(tiny, study.metrics["max_rel_error"] > 31 / 33)
-
-
-def test_seed_study_rejects_bad_input():
-    with pytest.raises(ValueError):
-        seed_study([])
-    with pytest.raises(ValueError):
-        seed_study([1], n=0)
-
-
-# ----------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------
 def test_four_panel_figure_structure_small():
@@ -290,30 +225,6 @@ def test_four_panel_figure_rejects_bad_options():
         four_panel_figure(x, x, labels=("only one",))
 
 
-def test_seed_distribution_figure_marks_and_titles():
-    study = seed_study(range(300))
-    mark = {k: float(study.metrics[k][0]) for k in ("mae", "max_rel_error")}
-    fig = seed_distribution_figure(study.metrics, {"seed 0": mark}, title="t")
-    assert len(fig.axes) == 4
-    for ax, key in zip(fig.axes, ("mae", "max_abs_error", "mean_rel_error", "max_rel_error")):
-        assert METRIC_LABELS[key][0] in ax.get_title()
-        assert ax.patches, "a histogram"
-        labels = [ln.get_label() for ln in ax.get_lines()]
-        assert any(lbl.startswith("median") for lbl in labels)
-        assert any(lbl.startswith("seed 0") for lbl in labels) == (key in mark)
-    assert "percentile" in fig.axes[0].get_title()
-
-
-def test_seed_distribution_figure_rejects_bad_keys():
-    study = seed_study(range(10))
-    with pytest.raises(ValueError):
-        seed_distribution_figure(study.metrics, keys=("nonsense",))
-    with pytest.raises(ValueError):
-        seed_distribution_figure(study.metrics, keys=())
-    with pytest.raises(ValueError):
-        seed_distribution_figure(study.metrics, keys=("mae",) * 5)
-
-
 # ----------------------------------------------------------------------------
 # Style and tables
 # ----------------------------------------------------------------------------
@@ -363,3 +274,14 @@ def test_table_rejects_bad_rows():
         Table(["a"], [[1]], formats={"b": "{}"})
     with pytest.raises(ValueError):
         Table([], [])
+
+
+def test_metrics_need_no_matplotlib():
+    # computing metrics imports nothing of matplotlib; only the figure does
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from fp4lib.analysis import error_metrics; "
+            "error_metrics(torch.ones(3), torch.ones(3)); print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

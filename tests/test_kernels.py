@@ -1,60 +1,153 @@
-"""The fused quantize path must equal the plain-PyTorch reference bit for bit."""
+"""The fast quantize paths (fp4lib.kernels) must equal the plain-PyTorch reference bit for bit."""
+
+import warnings
 
 import pytest
 import torch
 
-from fp4lib import quantize
-from fp4lib.kernels import compile_available, quantize_fast
+from fp4lib import BNB_FP4, quantize
+from fp4lib import kernels
+from fp4lib.kernels import VerifiedCompiled, compile_works
 
 SHAPES = [(4096,), (64, 48), (7, 13), (3, 1000), (1,), (130,)]
+BLOCK_SHAPES = [(4, 64), (3, 5, 32), (64, 96), (1, 32)]
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)
+
+
+def assert_same(fast, ref):
+    assert fast is not None
+    assert torch.equal(fast.packed, ref.packed)
+    assert fast.scale.dtype == ref.scale.dtype and torch.equal(_bits(fast.scale), _bits(ref.scale))
+    assert (fast.global_scale is None) == (ref.global_scale is None)
+    if ref.global_scale is not None:
+        assert torch.equal(fast.global_scale.view(torch.int32), ref.global_scale.view(torch.int32))
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype and fast.tile == ref.tile
+    assert fast.clip_fraction == ref.clip_fraction
+    assert torch.equal(fast.dequantize(), ref.dequantize())
+
+
+def _eager(x, scheme, **kw):
+    """The fast formulation run without compiling, through quantize_packed's own wrapping."""
+    real = kernels._verified
+
+    class Eager:
+        def call(self, key, label, *args):
+            return {"bnb": kernels._bnb_packed, "e2m1": kernels._e2m1_packed}[key[0]](*args)
+
+    kernels._verified = lambda name: Eager()
+    try:
+        bs = kw.pop("block_size", {"mxfp4": 32, "nvfp4": 16, "e2m1_per_tensor": 0}.get(scheme, 64))
+        return kernels.quantize_packed(x.contiguous().float(), scheme, block_size=bs, dtype=x.dtype, **kw)
+    finally:
+        kernels._verified = real
 
 
 @pytest.mark.parametrize("scheme", ["bnb_fp4", "nf4"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_eager_formulation_matches_reference(scheme, shape, dtype):
+def test_bnb_eager_formulation_matches_reference(scheme, shape, dtype):
     x = (torch.randn(shape) * 3).to(dtype)
     x.view(-1)[0] = 0.0  # exact zeros take the tie-to-lower path
-    fast = quantize_fast(x, scheme, compile=False)
-    ref = quantize(x, scheme)
-    assert torch.equal(fast.packed, ref.packed)
-    assert torch.equal(fast.scale, ref.scale)
-    assert fast.shape == ref.shape and fast.dtype == ref.dtype
-    assert torch.equal(fast.dequantize(), ref.dequantize())
+    fast = _eager(x, scheme)
+    if x.numel() < 64:
+        assert fast is None  # no full block: the reference does it
+        return
+    assert_same(fast, quantize(x, scheme, backend="reference"))
 
 
-def test_zero_blocks_and_exact_midpoints_match_reference():
-    from fp4lib import BNB_FP4
+@pytest.mark.parametrize("scheme", ["mxfp4", "nvfp4", "e2m1_per_tensor"])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_eager_formulation_matches_reference(scheme, shape, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 5).to(dtype)
+    x.view(-1)[:32] = 0.0  # an all-zero block
+    assert_same(_eager(x, scheme), quantize(x, scheme, backend="reference"))
 
+
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_mx_scale_rules_and_clip_fraction(rule):
+    x = torch.randn(256, 64) * torch.logspace(-30, 30, 64)  # blocks spanning the E8M0 range
+    fast = _eager(x, "mxfp4", scale_rule=rule)
+    ref = quantize(x, "mxfp4", scale_rule=rule, backend="reference")
+    assert_same(fast, ref)
+
+
+def test_nvfp4_tiles_and_tiny_tensors():
+    x = torch.randn(48, 64) * 1e-30  # block scales deep in E4M3's subnormals without the tensor scale
+    assert_same(_eager(x, "nvfp4", tile=True), quantize(x, "nvfp4", tile=True, backend="reference"))
+    assert_same(_eager(x, "nvfp4"), quantize(x, "nvfp4", backend="reference"))
+
+
+def test_ties_and_midpoints_match_reference():
     mids = BNB_FP4._midpoints
     block = torch.cat([torch.tensor([1.0]), mids, torch.nextafter(mids, torch.tensor(2.0))])
     x = torch.cat([block, torch.zeros(64 - block.numel()), torch.zeros(64)])
     for scheme in ("bnb_fp4", "nf4"):
-        assert torch.equal(quantize_fast(x, scheme, compile=False).packed, quantize(x, scheme).packed)
+        assert_same(_eager(x, scheme), quantize(x, scheme, backend="reference"))
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4).reshape(1, 32)
+    for scheme in ("mxfp4", "e2m1_per_tensor"):
+        assert_same(_eager(ties, scheme), quantize(ties, scheme, backend="reference"))
 
 
-@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a working C++ compiler")
+@pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
 def test_compiled_path_matches_reference():
     torch.manual_seed(1)
-    for scheme in ("bnb_fp4", "nf4"):
-        for shape in [(256, 256), (1000, 3)]:
+    for scheme in ("bnb_fp4", "nf4", "mxfp4", "nvfp4", "e2m1_per_tensor"):
+        for shape in [(256, 256), (1024, 96)]:
             x = torch.randn(shape) * torch.rand(shape) * 10
-            fast, ref = quantize_fast(x, scheme), quantize(x, scheme)
-            assert torch.equal(fast.packed, ref.packed)
-            assert torch.equal(fast.scale, ref.scale)
+            assert_same(quantize(x, scheme, backend="compiled"), quantize(x, scheme, backend="reference"))
+    x = torch.randn(512, 512)
+    assert_same(quantize(x, "nvfp4", tile=True, backend="compiled"), quantize(x, "nvfp4", tile=True, backend="reference"))
+
+
+def test_auto_uses_the_fast_path_only_where_it_pays_and_applies(monkeypatch):
+    calls = []
+    real = kernels.quantize_packed
+    monkeypatch.setattr(kernels, "quantize_packed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    quantize(torch.randn(64, 64), "nvfp4")  # small: the reference
+    quantize(torch.randn(256, 256), "nvfp4", rounding="stochastic")  # stochastic: the reference
+    quantize(torch.randn(256, 256), "nf4", double_quant=True)  # double quantization: the reference
+    assert calls == []
+    if compile_works():
+        quantize(torch.randn(256, 256), "nvfp4")
+        assert calls == ["nvfp4"]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("where", [3, 4100])  # a full block, and the partial last block
-def test_nonfinite_raises_like_reference(bad, where):
-    x = torch.randn(4130)
+@pytest.mark.parametrize("scheme,where", [("nf4", 3), ("nf4", 65_600), ("nvfp4", 70_000)])
+def test_nonfinite_raises_like_reference(bad, scheme, where):
+    x = torch.randn(65_610 if scheme == "nf4" else 65_536 * 2)
     x[where] = bad
     with pytest.raises(ValueError, match=rf"non-finite .* index \({where},\)"):
-        quantize_fast(x, "nf4", compile=False)
+        quantize(x, scheme)
 
 
-def test_other_schemes_fall_back_to_reference():
-    x = torch.randn(4, 64)
-    assert torch.equal(quantize_fast(x, "nvfp4").packed, quantize(x, "nvfp4").packed)
-    with pytest.raises(ValueError, match="block_size"):
-        quantize_fast(x, "nf4", block_size=100)
+def test_compiled_backend_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="backend='compiled' covers"):
+        quantize(torch.randn(64), "nf4", double_quant=True, backend="compiled")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantize(torch.randn(64), "nf4", backend="fast")
+
+
+def test_a_kernel_whose_bits_differ_is_not_trusted():
+    def eager(x):
+        return (x * 2,)
+
+    def miscompiled(x):
+        return (x * 2 + 1e-3,)
+
+    k = VerifiedCompiled(eager, miscompiled)
+    x = torch.randn(8)
+    with pytest.warns(UserWarning, match=r"my kernel: the compiled kernel's bits differ"):
+        out = k.call(("key",), "my kernel", x)
+    assert torch.equal(out[0], x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(k.call(("key",), "my kernel", x)[0], x * 2)  # eager from then on, quietly
+    good = VerifiedCompiled(eager, eager)
+    good.call(("k",), "fine", x)
+    assert ("k",) in good.verified

@@ -1,4 +1,4 @@
-"""FP4Linear and operand fake quantization (fp4lib.nn, fp4lib.fast).
+"""FP4Linear and operand fake quantization (fp4lib.nn, fp4lib.fake_quant, fp4lib.kernels).
 
 * The fused fast path equals the core-based reference bit for bit (eager always;
   compiled where torch.compile works).
@@ -16,20 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp4lib import block_hadamard, fake_quantize
-from fp4lib.fast import compile_works, hash_uniform, seed_term
-from fp4lib.nn import (
-    ROLES,
-    FP4Linear,
-    LinearSpec,
-    QuantSpec,
+from fp4lib.fake_quant import (
+    fake_quant_factored,
     fake_quant_operand,
-    hadamard_along,
-    hadamard_signs,
     mix_seed,
     reference_fake_quant,
     reference_fake_quant_factored,
-    fake_quant_factored,
 )
+from fp4lib.hadamard import hadamard_along, hadamard_signs
+from fp4lib.kernels import compile_works
+from fp4lib.nn import FP4Linear
+from fp4lib.rounding import hash_uniform, seed_term
+from fp4lib.specs import ROLES, LinearSpec, QuantSpec
 from fp4lib.recipes import get_recipe
 from fp4lib.rounding import cheap_uniform
 
@@ -74,12 +72,27 @@ def awkward(shape=(64, 96), seed=0) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # Hash draws and the reference
 # ----------------------------------------------------------------------------
-def test_hash_uniform_equals_cheap_uniform():
+def _lowbias32_int64(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """The hash in plain int64 arithmetic with explicit 32-bit masks: an independent statement of it."""
+    h = (idx.to(torch.int64) * 0x9E3779B1 + seed * 0x85EBCA77) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def test_hash_uniform_is_the_lowbias32_hash_and_cheap_uniform_lays_it_out():
     idx = torch.arange(5000, dtype=torch.int32).view(50, 100)
     for seed in (0, 1, 12345, 2**31 - 1):
-        assert torch.equal(hash_uniform(idx, seed_term(seed)), cheap_uniform((50, 100), seed))
+        assert torch.equal(hash_uniform(idx, seed_term(seed)), _lowbias32_int64(idx, seed))
+        assert torch.equal(cheap_uniform((50, 100), seed), _lowbias32_int64(idx, seed))
     big = torch.arange(2**31 - 1000, 2**31 - 1, dtype=torch.int32)  # the largest indices
-    assert torch.equal(hash_uniform(big, seed_term(7)), cheap_uniform((999,), 7, offset=2**31 - 1000))
+    assert torch.equal(hash_uniform(big, seed_term(7)), _lowbias32_int64(big, 7))
+    assert torch.equal(cheap_uniform((999,), 7, offset=2**31 - 1000), _lowbias32_int64(big, 7))
+    with pytest.raises(ValueError, match="int32"):
+        cheap_uniform((10,), 0, offset=2**31 - 5)
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.rounding == "nearest"], ids=QuantSpec.short)
@@ -414,24 +427,22 @@ def test_bf16_operands_of_every_quantized_role_are_exact():
 def test_compiled_backend_that_disagrees_with_fused_falls_back_loudly():
     # A compiled kernel whose bits differ from the fused path (a miscompile, a stale
     # kernel cache) must not be used: the first call per spec and shape compares them.
-    from fp4lib import fast
+    import functools
 
-    wrapper = fast._CompiledFakeQuant.__new__(fast._CompiledFakeQuant)
-    wrapper.verified, wrapper.fallback = set(), {}
+    from fp4lib import kernels
 
     def bad_apply(*args):
-        values, scale = fast._stage_apply(*args)
+        values, scale = kernels._stage_apply(*args)
         return values + 1.0, scale
 
-    wrapper.stages = (fast._stage_scales, bad_apply)
+    wrapper = kernels._CompiledFakeQuant.__new__(kernels._CompiledFakeQuant)
+    wrapper.kernel = kernels.VerifiedCompiled(
+        kernels.fake_quant_fused,
+        functools.partial(kernels.fake_quant_fused, stages=(kernels._stage_scales, bad_apply)))
     x = torch.randn(32, 64)
     seed_t = seed_term(3)
     with pytest.warns(UserWarning, match=r"scheme=nvfp4, block axis 1, rounding=stochastic.*bits differ"):
         out = wrapper(x, seed_t, "nvfp4", 1, "stochastic")
-    ref = fast.fake_quant_fused(x, seed_t, "nvfp4", 1, "stochastic")
+    ref = kernels.fake_quant_fused(x, seed_t, "nvfp4", 1, "stochastic")
     assert same_bits(out[0], ref[0]) and same_bits(out[1], ref[1])
     assert same_bits(wrapper(x, seed_t, "nvfp4", 1, "stochastic")[0], ref[0])  # and stays on the fused path
-
-    wrapper.stages = (fast._stage_scales, fast._stage_apply)  # a faithful kernel is verified, then used
-    assert same_bits(wrapper(x, seed_t, "mxfp4", 0, "nearest")[0], fast.fake_quant_fused(x, seed_t, "mxfp4", 0, "nearest")[0])
-    assert ("mxfp4", 0, "nearest", False, "floor", (32, 64), "cpu") in wrapper.verified

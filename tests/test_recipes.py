@@ -9,7 +9,7 @@ from fp4lib.nn import FP4Linear, QuantSpec
 from fp4lib.recipes import (
     RECIPES,
     Recipe,
-    ablate,
+    nvfp4_recipe,
     apply_recipe,
     get_recipe,
     hp_switch_step,
@@ -91,10 +91,21 @@ def test_mxfp4_and_naive_presets():
     assert get_recipe("bf16").linear is None and not get_recipe("bf16").quantized
 
 
-@pytest.mark.parametrize("ingredient", ["sr", "rht", "tiles", "hp_blocks", "backward", "forward"])
-def test_each_ablation_switches_off_one_ingredient(ingredient):
-    base, ab = get_recipe("nvfp4"), ablate(get_recipe("nvfp4"), ingredient)
-    assert RECIPES[ab.name] == ab
+ABLATIONS = {  # preset name -> the one argument of nvfp4_recipe it changes
+    "nvfp4_no_sr": ("sr", dict(sr=False)),
+    "nvfp4_no_rht": ("rht", dict(rht=0)),
+    "nvfp4_no_tiles": ("tiles", dict(tiles=False)),
+    "nvfp4_all_fp4": ("hp_blocks", dict(hp_last_blocks=0)),
+    "nvfp4_fwd_only": ("backward", dict(backward=False)),
+    "nvfp4_bwd_only": ("forward", dict(forward=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_is_one_argument_of_the_recipe_builder(name):
+    ingredient, kwargs = ABLATIONS[name]
+    base, ab = get_recipe("nvfp4"), get_recipe(name)
+    assert nvfp4_recipe(name=name, **kwargs) == ab and nvfp4_recipe() == base
     roles = ("fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")
     changed = [r for r in roles if getattr(base.linear, r) != getattr(ab.linear, r)]
     expected = {
@@ -138,8 +149,8 @@ def test_bad_recipe_arguments():
         Recipe("x", "x", get_recipe("nvfp4").linear, hp_last_blocks=-1)
     with pytest.raises(ValueError, match="hp_final_fraction"):
         get_recipe("nvfp4").replace(hp_final_fraction=1.5)
-    with pytest.raises(ValueError, match="ingredient"):
-        ablate(get_recipe("nvfp4"), "dropout")
+    with pytest.raises(ValueError, match="forward and backward are both False"):
+        nvfp4_recipe(forward=False, backward=False)
     with pytest.raises(ValueError, match="only 4"):
         apply_recipe(fresh(), get_recipe("nvfp4").replace(hp_first_blocks=2, hp_last_blocks=3))
     model = fresh()

@@ -1,4 +1,4 @@
-"""The study runner (fp4lib.experiments): provenance, staleness, re-run check, summaries."""
+"""The study (fp4lib.study): provenance, staleness, the re-run check's two modes, summaries."""
 
 import json
 import shutil
@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp4lib import experiments as ex
+import fp4lib
+from fp4lib import study as ex
+from fp4lib.study import definition
+from fp4lib.study.__main__ import main as study_main
+from fp4lib.study.runner import REFERENCE_KEYS
 from fp4lib.recipes import RECIPES
 from fp4lib.train import PRESETS, make_parser
 
@@ -21,7 +25,7 @@ TINY = [ex.Run("tiny_nvfp4", "nvfp4", steps=3, preset="tiny", study="repro"),
 
 @pytest.fixture
 def tiny_study(monkeypatch, tmp_path):
-    monkeypatch.setattr(ex, "STUDY", TINY)
+    monkeypatch.setattr(definition, "STUDY", TINY)
     results = tmp_path / "results"
     for run in TINY:
         ex.run_experiment(run, results, tmp_path / "runs", backend="fused", progress=False)
@@ -40,7 +44,7 @@ def test_study_is_well_formed():
 
 
 def test_code_hash_ignores_docs_but_not_code(tmp_path):
-    pkg = Path(ex.__file__).parent
+    pkg = Path(fp4lib.__file__).parent
     copy = tmp_path / "pkg"
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
     base = ex.code_hash(package_dir=copy)
@@ -57,11 +61,12 @@ def test_code_hash_ignores_docs_but_not_code(tmp_path):
     diag.write_text(diag.read_text().replace("rec[name] = underflow_report(dy.cpu())", "rec[name] = underflow_report(dy)"))
     assert ex.code_hash(package_dir=copy) != base
     shutil.copy(pkg / "diagnostics.py", diag)
-    exp = copy / "experiments.py"
-    exp.write_text(exp.read_text().replace('"step_ms_median": ms[len(ms) // 2]', '"step_ms_median": ms[0]'))
+    runner = copy / "study" / "runner.py"
+    runner.write_text(runner.read_text().replace('"step_ms_median": ms[len(ms) // 2]', '"step_ms_median": ms[0]'))
     assert ex.code_hash(package_dir=copy) != base
-    shutil.copy(pkg / "experiments.py", exp)
-    exp.write_text(exp.read_text().replace("TOLERANCE_FACTOR = 3.0", "TOLERANCE_FACTOR = 4.0"))
+    shutil.copy(pkg / "study" / "runner.py", runner)
+    check = copy / "study" / "check.py"
+    check.write_text(check.read_text().replace("TOLERANCE_FACTOR = 3.0", "TOLERANCE_FACTOR = 4.0"))
     assert ex.code_hash(package_dir=copy) == base  # the check's own settings are not the study's code
 
 
@@ -81,7 +86,7 @@ def test_results_of_another_torch_version_are_stale(tiny_study):
     rec = json.loads(path.read_text())
     rec["torch"] = "2.0.0"
     path.write_text(json.dumps(rec))
-    assert ex.stale_results(TINY, tiny_study) == {"tiny_bf16": f"made with torch 2.0.0, here {torch.__version__}"}
+    assert ex.stale_results(tiny_study, TINY) == {"tiny_bf16": f"made with torch 2.0.0, here {torch.__version__}"}
 
 
 def test_repro_record_carries_its_environment_as_a_reference(tiny_study):
@@ -93,7 +98,7 @@ def test_repro_record_carries_its_environment_as_a_reference(tiny_study):
 
 def _foreign(rec, shift):
     """A reference as if made in another environment, its losses drifting by `shift` per step."""
-    other = json.loads(json.dumps({k: rec[k] for k in ex.REFERENCE_KEYS}))
+    other = json.loads(json.dumps({k: rec[k] for k in REFERENCE_KEYS}))
     other["fingerprint"]["aten_cpu_capability"] = "ELSEWHERE"
     other["train_losses"] = [v + shift * (i + 1) for i, v in enumerate(other["train_losses"])]
     other["val_losses"] = [[s, v + shift * s] for s, v in other["val_losses"]]
@@ -108,14 +113,14 @@ def test_tolerance_mode_elsewhere_passes_within_the_band_and_fails_outside(tiny_
     rec["references"] = [_foreign(here, 1e-3), _foreign(here, -1e-3)]
     path.write_text(json.dumps(rec))
     args = ["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]
-    assert ex.main(args) == 0
+    assert study_main(args) == 0
     assert "mode tolerance" in capsys.readouterr().out
     # a run whose numbers are wrong (another seed: other weights, other batches) fails
-    monkeypatch.setattr(ex, "STUDY", [ex.Run("tiny_nvfp4", "nvfp4", seed=1, steps=3, preset="tiny", study="repro"),
+    monkeypatch.setattr(definition, "STUDY", [ex.Run("tiny_nvfp4", "nvfp4", seed=1, steps=3, preset="tiny", study="repro"),
                                       TINY[1]])
-    rec["definition"] = ex.STUDY[0].definition()
+    rec["definition"] = definition.STUDY[0].definition()
     path.write_text(json.dumps(rec))
-    assert ex.main(args) == 1
+    assert study_main(args) == 1
     err = capsys.readouterr().err
     assert "mode tolerance" in err and "FAILED at step" in err
 
@@ -126,18 +131,18 @@ def test_tolerance_band_needs_two_environments():
 
 
 def test_stale_results_are_named(tiny_study):
-    assert ex.stale_results(TINY, tiny_study) == {}
+    assert ex.stale_results(tiny_study, TINY) == {}
     path = tiny_study / "tiny_bf16.json"
     rec = json.loads(path.read_text())
     rec["code_hash"] = "0" * 64
     path.write_text(json.dumps(rec))
     (tiny_study / "tiny_nvfp4.json").unlink()
-    stale = ex.stale_results(TINY, tiny_study)
+    stale = ex.stale_results(tiny_study, TINY)
     assert stale["tiny_nvfp4"] == "missing" and "made by other code" in stale["tiny_bf16"]
 
 
 def test_check_passes_when_fresh_and_reproduced(tiny_study, capsys):
-    code = ex.main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"])
+    code = study_main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"])
     out = capsys.readouterr().out
     assert code == 0 and "re-ran tiny_nvfp4: mode exact" in out and "reproduce bit for bit" in out
 
@@ -147,14 +152,14 @@ def test_check_fails_on_stale_or_changed_results(tiny_study, capsys):
     rec = json.loads(path.read_text())
     rec["references"][0]["train_losses"][1] += 1e-3  # the stored run of this environment
     path.write_text(json.dumps(rec))
-    assert ex.main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]) == 1
+    assert study_main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]) == 1
     err = capsys.readouterr().err
     assert "mode exact" in err and "differ from the stored ones by up to 0.001" in err
     rec["code_hash"] = "f" * 64
     path.write_text(json.dumps(rec))
-    assert ex.main(["--results", str(tiny_study), "check"]) == 1
+    assert study_main(["--results", str(tiny_study), "check"]) == 1
     err = capsys.readouterr().err
-    assert "tiny_nvfp4: made by other code" in err and "python -m fp4lib.experiments run --only tiny_nvfp4" in err
+    assert "tiny_nvfp4: made by other code" in err and "python -m fp4lib.study run --only tiny_nvfp4" in err
 
 
 def test_summary_and_targets():
@@ -174,5 +179,5 @@ def test_summary_and_targets():
 
 def test_unknown_run_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
-        ex.main(["run", "--only", "nope"])
+        study_main(["run", "--only", "nope"])
     assert "--only: unknown run(s) ['nope']" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""The fake quantization of GEMM operands in training, and the scaled GEMM that consumes it.
+
+One operand, one call: :func:`fake_quant_factored` returns ``(values, tensor_scale)``,
+the block-scaled E2M1 values (exact in bfloat16) and the FP32 per-tensor scale that
+the GEMM applies to its output (:func:`scaled_gemm`). Three interchangeable
+backends compute it, with identical bits:
+
+* ``"reference"`` -- :func:`reference_fake_quant_factored`, a thin call of
+  :func:`fp4lib.fake_quantize` (the one reference of the scale arithmetic) with the
+  stochastic-rounding draws of :func:`fp4lib.rounding.cheap_uniform`;
+* ``"fused"`` -- :func:`fp4lib.kernels.fake_quant_fused`, the same as one fused
+  formulation run eagerly;
+* ``"compiled"`` -- that formulation under ``torch.compile``, each specialization
+  checked against the fused one on its first call.
+
+``"auto"`` means compiled where ``torch.compile`` works, else fused. Seeds for the
+rounding draws and the random Hadamard signs derive from per-layer, per-step and
+per-operand integers through :func:`mix_seed`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .hadamard import hadamard_along, hadamard_signs
+from .kernels import compile_works, compiled_fake_quant, fake_quant_fused
+from .rounding import cheap_uniform, seed_term
+from .scaling import fake_quantize
+from .specs import QuantSpec
+
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "mix_seed", "reference_fake_quant_factored", "reference_fake_quant",
+           "resolve_backend", "fake_quant_factored", "fake_quant_operand", "quantize_gemm_pair", "scaled_gemm"]
+
+BACKENDS = ("reference", "fused", "compiled")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+_MASK64 = (1 << 64) - 1
+_SEED_BITS = 31
+
+Factored = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into one seed in [0, 2**31) (SplitMix64 finaliser, chained).
+
+    Used to derive per-layer, per-step and per-operand seeds that do not collide.
+
+    Examples
+    --------
+    >>> mix_seed(0, 1) == mix_seed(0, 1), mix_seed(0, 1) == mix_seed(1, 0)
+    (True, False)
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> (64 - _SEED_BITS)
+
+
+def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0) -> Factored:
+    """The slow, obviously-correct fake quantization of one 2-D GEMM operand, factored.
+
+    ``x``: float32 ``(rows, cols)``; ``axis``: 0 or 1, the axis the blocks run
+    along (ignored for per-tensor and tiles); ``seed``: stochastic rounding draws
+    ``cheap_uniform((rows, cols), seed)[i, j]`` for element ``(i, j)``. The
+    Hadamard transform is applied by the caller.
+
+    Returns ``(values, tensor_scale)`` as :func:`fp4lib.fake_quantize` with
+    ``factored=True`` gives them (``(x, None)`` for ``scheme="none"``). A NaN or
+    +-Inf anywhere gives all-NaN values.
+
+    Examples
+    --------
+    >>> import torch
+    >>> values, scale = reference_fake_quant_factored(torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4]),
+    ...                                               QuantSpec("e2m1_per_tensor"), axis=1)
+    >>> values[0, :4].tolist(), scale.item()
+    ([0.5, -1.0, 3.0, 6.0], 1.0)
+    """
+    if not spec.enabled:
+        return x, None
+    if not bool(torch.isfinite(x).all()):
+        return torch.full_like(x, float("nan")), None
+    kwargs = {"tile": True} if spec.tile else {"axis": axis}
+    if spec.scheme == "mxfp4":
+        kwargs["scale_rule"] = spec.scale_rule
+    if spec.rounding == "stochastic":
+        kwargs.update(rounding="stochastic", uniforms=cheap_uniform(x.shape, seed, device=x.device))
+    return fake_quantize(x, spec.scheme, factored=True, backend="reference", **kwargs)
+
+
+def reference_fake_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0) -> torch.Tensor:
+    """:func:`reference_fake_quant_factored` multiplied out: the dequantized operand.
+
+    Round-to-nearest block schemes equal :func:`fp4lib.fake_quantize` bit for bit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4])
+    >>> reference_fake_quant(x, QuantSpec("e2m1_per_tensor"), axis=1)[0, :4].tolist()
+    [0.5, -1.0, 3.0, 6.0]
+    """
+    values, tensor_scale = reference_fake_quant_factored(x, spec, axis, seed)
+    return values if tensor_scale is None else values * tensor_scale
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"compiled"`` where ``torch.compile`` works, else ``"fused"``; checks the name."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        return "compiled" if compile_works() else "fused"
+    return backend
+
+
+def fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0,
+                        backend: str = "fused") -> Factored:
+    """``(values, tensor_scale)`` of one 2-D float32 operand with the chosen backend.
+
+    The one place that picks a path for an operand: ``"reference"``, ``"fused"``,
+    ``"compiled"`` or ``"auto"``; all give the bits of
+    :func:`reference_fake_quant_factored`. The Hadamard transform is not applied
+    here (see :func:`fp4lib.hadamard.hadamard_along`).
+    """
+    if not spec.enabled:
+        return x, None
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return reference_fake_quant_factored(x, spec, axis, seed)
+    fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
+    seed_t = seed_term(seed).to(x.device, non_blocking=True)
+    return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule)
+
+
+def fake_quant_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0, backend: str = "fused") -> torch.Tensor:
+    """Fake-quantize one 2-D float32 operand with the chosen backend: the dequantized values.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.randn(32, 64)
+    >>> spec = QuantSpec("nvfp4", rounding="stochastic")
+    >>> ref = reference_fake_quant(x, spec, axis=0, seed=7)
+    >>> torch.equal(fake_quant_operand(x, spec, axis=0, seed=7, backend="fused"), ref)
+    True
+    """
+    values, tensor_scale = fake_quant_factored(x, spec, axis, seed, backend)
+    return values if tensor_scale is None else values * tensor_scale
+
+
+def quantize_gemm_pair(a: torch.Tensor, b: torch.Tensor, spec_a: QuantSpec, spec_b: QuantSpec, axis_a: int,
+                       axis_b: int, seeds: Tuple[int, int], hadamard_seed: int, backend: str) -> Tuple[Factored, Factored]:
+    """Both operands of one GEMM (float32 2-D, blocks along ``axis_a`` / ``axis_b``): the random
+    Hadamard transform if the specs ask for one (the same signs for both, so that it
+    cancels in the product), then :func:`fake_quant_factored` of each."""
+    if spec_a.hadamard:
+        signs = hadamard_signs(spec_a.hadamard, hadamard_seed, device=a.device)
+        a = hadamard_along(a, axis_a, spec_a.hadamard, signs)
+        b = hadamard_along(b, axis_b, spec_a.hadamard, signs)
+    return (
+        fake_quant_factored(a, spec_a, axis_a, seeds[0], backend),
+        fake_quant_factored(b, spec_b, axis_b, seeds[1], backend),
+    )
+
+
+def scaled_gemm(a: Tuple[torch.Tensor, Optional[torch.Tensor]], b: Tuple[torch.Tensor, Optional[torch.Tensor]],
+                gemm_dtype: torch.dtype) -> torch.Tensor:
+    """``(a_values @ b_values) * (a_scale * b_scale)``, as a block-scaled FP4 GEMM computes it.
+
+    ``a``, ``b``: ``(values, tensor_scale)`` pairs of 2-D float32 operands (see
+    :func:`fake_quant_factored`); ``values`` already carry their block scales.
+    The products are formed from ``values`` cast to ``gemm_dtype`` (a lossless
+    cast for quantized operands, whose E2M1 x E4M3 or E2M1 x E8M0 products fit in
+    bfloat16), accumulated in float32, and the per-tensor scales multiply the
+    float32 result once, as the hardware's epilogue does with its ``alpha``.
+    Returns float32; the caller casts to its output dtype, one rounding in all.
+    """
+    (av, a_scale), (bv, b_scale) = a, b
+    if gemm_dtype == torch.float32:
+        y = av @ bv
+    else:
+        av, bv = av.to(gemm_dtype), bv.to(gemm_dtype)
+        if av.is_cuda:  # tensor-core products, float32 accumulation and output
+            y = torch.mm(av, bv, out_dtype=torch.float32)
+        else:  # the same arithmetic: the products of these values are exact in float32
+            y = av.float() @ bv.float()
+    alpha = None
+    for s in (a_scale, b_scale):
+        if s is not None:
+            alpha = s if alpha is None else alpha * s
+    return y if alpha is None else y * alpha

@@ -1,0 +1,74 @@
+"""The training study behind chapter 5, its stored results, and the staleness check.
+
+::
+
+    python -m fp4lib.study list                  # the runs and whether their results are fresh
+    python -m fp4lib.study run                   # every run (about an hour on the 2-core CPU)
+    python -m fp4lib.study run --only nvfp4_s0   # some runs
+    python -m fp4lib.study run --stale           # only missing or stale results
+    python -m fp4lib.study check                 # used by `make test`
+    python -m fp4lib.study reference             # store this environment's re-run reference
+
+Each run (:data:`STUDY`) trains the tiny GPT with one recipe and seed and writes
+``experiments/results/<name>.json``: final validation loss, the loss and
+validation curves, step times, and how it was made -- the equivalent CLI command,
+the seed, the machine, the torch and Python versions, the corpus hash and a hash
+of the code that affects training (:func:`code_hash`). Chapter 5 plots these
+files (:func:`load_results`, :func:`summary`) and trains one short comparison
+live.
+
+``check`` fails when a stored result was made by different code (code hash), with
+another torch version, on a different corpus (corpus hash), with a different run
+definition, or is missing, and names the command that refreshes it. It then
+re-runs the cheap :data:`REPRO_RUN` and compares its losses with the stored ones,
+in one of two modes, and says which:
+
+* **exact**, where the stored record holds a reference run made in this numeric
+  environment (:func:`numeric_fingerprint`: torch version, ATen's CPU kernel set,
+  the processor's vector instructions, oneDNN/MKL, threads, device, precision):
+  every loss must be identical, bit for bit;
+* **tolerance**, elsewhere: every loss must lie within :data:`TOLERANCE_FACTOR`
+  times the largest difference measured between the stored environments' runs up
+  to that step (:func:`tolerance_band`). Other CPU kernels round the last bits of
+  floats differently, and NVFP4's non-power-of-two scales turn those bits into
+  different rounding decisions, so runs in different environments drift apart.
+
+``reference`` adds the current environment's run to the record (``make
+experiments`` stores the ATen kernel sets ``default`` and ``avx2`` besides the
+machine's own).
+
+The studies:
+
+* ``main`` -- bf16, fp4_naive, mxfp4, nvfp4 at the ci size, 400 steps, seeds 0 and 1;
+* ``ablation`` -- nvfp4 with one ingredient off (high-precision last block,
+  stochastic rounding, random Hadamard); the tiles ablation is a recipe
+  (``nvfp4_no_tiles``) but not part of the stored study;
+* ``fwd_bwd`` -- where the gap comes from: FP4 in the forward GEMM only, or in the
+  backward GEMMs only;
+* ``length`` -- nvfp4 with the last 10% of its 400 steps in high precision
+  (NVIDIA's remedy); how the gap grows is read from the main runs' validation
+  curves;
+* ``underflow`` -- why naive fails: a bf16 run that captures the attention
+  output-projection gradient dY at a few steps and measures the fraction of its
+  entries that per-tensor and per-block FP4 scales send to zero;
+* ``repro`` -- a 60-step nvfp4 run whose last 6 steps run in high precision
+  (past the warm-up, into the cosine schedule and the final stretch) that
+  ``check`` re-runs.
+"""
+
+from pathlib import Path
+
+DEFAULT_RESULTS = Path("experiments") / "results"
+"""Where the CLI looks for stored results unless told (``--results``): relative to the
+current directory, the repository root for the book's study."""
+DEFAULT_RUNS = Path("experiments") / "runs"  # metrics and checkpoints (not committed)
+
+from .check import TOLERANCE_FACTOR, compare_losses, load_results, rerun_verdict, stale_results, tolerance_band  # noqa: E402
+from .definition import REPRO_RUN, STUDY, Run  # noqa: E402
+from .provenance import CODE_FILES, code_hash, machine_info, numeric_fingerprint  # noqa: E402
+from .runner import run_experiment  # noqa: E402
+from .stats import check_targets, summary, val_gap_curve  # noqa: E402
+
+__all__ = ["DEFAULT_RESULTS", "DEFAULT_RUNS", "Run", "STUDY", "REPRO_RUN", "CODE_FILES", "code_hash",
+           "numeric_fingerprint", "machine_info", "run_experiment", "load_results", "stale_results",
+           "compare_losses", "tolerance_band", "rerun_verdict", "TOLERANCE_FACTOR", "summary", "val_gap_curve", "check_targets"]

@@ -1,0 +1,153 @@
+"""The study's command line: ``python -m fp4lib.study run|list|check|reference``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import DEFAULT_RESULTS, DEFAULT_RUNS, __doc__ as STUDY_DOC
+from .check import load_results, rerun_verdict, stale_results
+from . import definition
+from .definition import Run
+from .provenance import code_hash, describe_environment
+from .runner import REFERENCE_KEYS, run_experiment
+
+
+def _select(names: Optional[Sequence[str]], study: Optional[str]) -> List[Run]:
+    known = {r.name: r for r in definition.STUDY}
+    if names:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"--only: unknown run(s) {unknown}; known runs: {sorted(known)}")
+        runs = [known[n] for n in names]
+    else:
+        runs = list(definition.STUDY)
+    if study:
+        runs = [r for r in runs if r.study == study]
+    return runs
+
+
+def cmd_run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = _select(args.only, args.study)
+    if args.stale:
+        stale = stale_results(args.results, runs)
+        runs = [r for r in runs if r.name in stale]
+    start_hash = code_hash()  # the code this process runs (imported at start)
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.name}: {run.command()}", flush=True)
+        rec = run_experiment(run, Path(args.results), Path(args.runs), backend=args.backend,
+                             progress=not args.no_progress, code_hash_value=start_hash)
+        print(f"  final val_loss {rec['final_val_loss']:.4f}, median step {rec['step_ms_median']:.0f} ms, "
+              f"{rec['wall_s']:.0f} s", flush=True)
+    if code_hash() != start_hash:
+        print("warning: fp4lib's code changed while the study ran; the results carry the hash of the code at "
+              "the start and will show as stale", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_list(args) -> int:
+    stale = stale_results(args.results, definition.STUDY)
+    for run in definition.STUDY:
+        status = stale.get(run.name, "fresh")
+        print(f"{run.name:24s} {run.study:10s} {run.recipe:16s} seed {run.seed} steps {run.steps:4d}  {status}")
+    return 0
+
+
+def _rerun(name: str, results_dir, backend: str) -> Tuple[dict, dict]:
+    """Train the stored run ``name`` again here, with its thread count; ``(stored, fresh)``."""
+    import tempfile
+
+    run = {r.name: r for r in definition.STUDY}[name]
+    stored = load_results(results_dir, [run.name]).get(run.name)
+    if stored is None:
+        raise ValueError(f"no stored result for {run.name}; make it with: python -m fp4lib.study run --only {run.name}")
+    threads = stored.get("machine", {}).get("torch_threads")
+    if threads and threads != torch.get_num_threads():
+        print(f"using {threads} torch thread(s), as the stored run did")
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = run_experiment(run, Path(tmp), Path(tmp), backend=backend, progress=False, write=False)
+    return stored, fresh
+
+
+def cmd_check(args) -> int:
+    stale = stale_results(args.results, definition.STUDY)
+    if stale:
+        print(f"study check FAILED: {len(stale)} stored result(s) are missing or stale for the current code:",
+              file=sys.stderr)
+        for name, why in stale.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        only = " ".join(sorted(stale))
+        print(f"refresh with:  python -m fp4lib.study run --stale   (or: make experiments)\n"
+              f"  or only these: python -m fp4lib.study run --only {only}", file=sys.stderr)
+        return 1
+    print(f"all {len(definition.STUDY)} stored results match code hash {code_hash()[:12]} and torch {torch.__version__}")
+    if args.no_rerun:
+        return 0
+    stored, fresh = _rerun(args.rerun, args.results, args.backend)
+    ok, message = rerun_verdict(stored, fresh)
+    if ok:
+        print(f"re-ran {args.rerun}: {message}")
+        return 0
+    print(f"study check FAILED: re-running {args.rerun}: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_reference(args) -> int:
+    """Add (or replace) this environment's run of the re-run check's run to its stored record."""
+    name = args.rerun
+    stale = stale_results(args.results, [r for r in definition.STUDY if r.name == name])
+    if stale:
+        raise ValueError(f"{name} is not current ({stale[name]}); run it first: python -m fp4lib.study run --only {name}")
+    stored, fresh = _rerun(name, args.results, args.backend)
+    entry = {k: fresh[k] for k in REFERENCE_KEYS}
+    refs = [r for r in stored.get("references", []) if r.get("fingerprint") != entry["fingerprint"]] + [entry]
+    stored["references"] = refs
+    path = Path(args.results) / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stored, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"{name}: stored the reference for {describe_environment(entry['fingerprint'])}; "
+          f"{len(refs)} environment(s) now; final val_loss {entry['final_val_loss']:.6f}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fp4lib.study", description=STUDY_DOC.split("\n\n")[0])
+    p.add_argument("--results", default=str(DEFAULT_RESULTS),
+                   help=f"directory of the stored results (default {DEFAULT_RESULTS}, from the current directory)")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train runs and store their results")
+    r.add_argument("--only", nargs="+", metavar="NAME", help="run only these")
+    r.add_argument("--study", choices=sorted({x.study for x in definition.STUDY}), help="run only this study")
+    r.add_argument("--stale", action="store_true", help="only runs whose result is missing or stale")
+    r.add_argument("--runs", default=str(DEFAULT_RUNS), help="directory for metrics and checkpoints")
+    r.add_argument("--backend", default="auto", help="fake-quant backend (identical numbers)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded with each result)")
+    r.add_argument("--no-progress", action="store_true")
+    sub.add_parser("list", help="list the runs and the state of their results")
+    c = sub.add_parser("check", help="fail on stale results; re-run one cheap run and compare (exact or tolerance mode)")
+    c.add_argument("--rerun", default=definition.REPRO_RUN, choices=[x.name for x in definition.STUDY], help="the run to re-run")
+    c.add_argument("--no-rerun", action="store_true", help="only compare hashes")
+    c.add_argument("--backend", default="auto")
+    f = sub.add_parser("reference", help="store this environment's run of the re-run check's run")
+    f.add_argument("--rerun", default=definition.REPRO_RUN, choices=[x.name for x in definition.STUDY], help="the run")
+    f.add_argument("--backend", default="auto")
+    args = p.parse_args(argv)
+    try:
+        return {"run": cmd_run, "list": cmd_list, "check": cmd_check, "reference": cmd_reference}[args.command](args)
+    except ValueError as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
