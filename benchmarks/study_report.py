@@ -16,26 +16,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
-from fp4lib.study import check_targets, load_results, stale_results, summary, val_gap_curve  # noqa: E402
+from fp4lib.study import (check_targets, load_results, paired_difference, stale_results, summary,  # noqa: E402
+                          val_gap_curve)
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
 
 def fmt_gap(row) -> str:
     if row["gap_mean_pct"] is None:
         return "-"
     gaps = ", ".join(f"{g:+.2f}" for g in row["gap_pct"])
-    sd = f" ± {row['gap_sd_pct']:.2f}" if len(row["gap_pct"]) > 1 else ""
-    return f"{row['gap_mean_pct']:+.2f}%{sd} ({gaps})"
+    return f"{paired_difference(row['gap_pct']).interval()}% ({gaps})"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    results = load_results()
+    results = load_results(RESULTS_DIR)
     if not results:
         print("no stored results; run `make experiments` first", file=sys.stderr)
         return 1
-    stale = stale_results()
+    stale = stale_results(RESULTS_DIR)
     any_rec = next(iter(results.values()))
     m = any_rec["machine"]
     lines = [
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         rows = summary(results, study)
         if not rows:
             continue
-        lines += [f"### {title}", "", "| recipe | final val loss (per seed) | mean ± sd | gap vs bf16 (paired) | step time vs bf16 |",
+        lines += [f"### {title}", "", "| recipe | final val loss (per seed) | mean ± sd | gap vs bf16, paired: mean [95% interval] (per seed) | step time vs bf16 |",
                   "|---|---|---|---|---|"]
         for r in rows:
             ms = [results[n]["step_ms_median"] for n in results if results[n]["definition"]["recipe"] == r["recipe"]

@@ -1,6 +1,7 @@
 """fp4lib installed as a plain (non-editable) package and used from another directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
+    source = tmp_path_factory.mktemp("source")  # a copy, so that the build leaves the checkout alone
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "fp4lib", source / "fp4lib", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-cache-dir", "--target", str(target), str(ROOT)], check=True, capture_output=True)
+                    "--no-cache-dir", "--target", str(target), str(source)], check=True, capture_output=True)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     env = dict(os.environ, PYTHONPATH=str(target))
     return target, elsewhere, env

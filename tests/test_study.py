@@ -181,3 +181,22 @@ def test_unknown_run_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         study_main(["run", "--only", "nope"])
     assert "--only: unknown run(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("p,df,expected", [(0.975, 2, 4.303), (0.975, 10, 2.228), (0.8, 5, 0.920), (0.995, 4, 4.604)])
+def test_t_quantiles_match_the_tables(p, df, expected):
+    assert abs(ex.t_quantile(p, df) - expected) < 5e-4
+
+
+def test_paired_intervals_verdicts_and_power():
+    # F2 as the first stored study had it: differences of 0.55 and 1.33 points over 2 seeds
+    two = ex.paired_difference([0.55, 1.33])
+    assert two.low < 0 < two.high and two.verdict() == "not resolved at this scale"
+    assert ex.paired_difference([0.5]).verdict().startswith("not resolved at this scale (one seed")
+    clear = ex.paired_difference([2.0, 2.1, 1.9, 2.05])
+    assert clear.resolved and clear.verdict("worse", "better") == "worse"
+    assert ex.paired_difference([-2.0, -2.1, -1.9]).verdict("worse", "better") == "better"
+    # more noise, or a smaller effect, needs more seeds
+    assert ex.seeds_needed(1.0, 0.5) < ex.seeds_needed(1.0, 1.0) < ex.seeds_needed(0.5, 1.0)
+    with pytest.raises(ValueError, match="empty"):
+        ex.paired_difference([])

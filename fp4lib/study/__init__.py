@@ -67,8 +67,8 @@ from .check import TOLERANCE_FACTOR, compare_losses, load_results, rerun_verdict
 from .definition import REPRO_RUN, STUDY, Run  # noqa: E402
 from .provenance import CODE_FILES, code_hash, machine_info, numeric_fingerprint  # noqa: E402
 from .runner import run_experiment  # noqa: E402
-from .stats import check_targets, summary, val_gap_curve  # noqa: E402
+from .stats import Paired, check_targets, paired_difference, seeds_needed, summary, t_quantile, val_gap_curve  # noqa: E402
 
 __all__ = ["DEFAULT_RESULTS", "DEFAULT_RUNS", "Run", "STUDY", "REPRO_RUN", "CODE_FILES", "code_hash",
            "numeric_fingerprint", "machine_info", "run_experiment", "load_results", "stale_results",
-           "compare_losses", "tolerance_band", "rerun_verdict", "TOLERANCE_FACTOR", "summary", "val_gap_curve", "check_targets"]
+           "compare_losses", "tolerance_band", "rerun_verdict", "TOLERANCE_FACTOR", "summary", "val_gap_curve", "check_targets", "Paired", "paired_difference", "seeds_needed", "t_quantile"]
