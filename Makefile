@@ -22,7 +22,12 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(INDUCTOR_CACHE)/aten-$(or $(ATEN_CPU_CAPABIL
 # The cross-kernel checks: other CPU kernels, as another machine would run them.
 CROSS_KERNEL_ENV := ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-default
 
-.PHONY: help venv book test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
+# MathJax, served from the book's own _static: pages typeset their math with no request
+# to another host. Taken from the npm registry at install time (npm from apt if absent).
+MATHJAX_VERSION := 3.2.2
+MATHJAX := book/_static/mathjax/tex-chtml.js
+
+.PHONY: help venv mathjax book test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
 
 help:
 	@echo "make book         build the executed book into _build/html"
@@ -48,8 +53,18 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+$(MATHJAX):
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	rm -rf .cache/mathjax book/_static/mathjax
+	mkdir -p .cache/mathjax book/_static/mathjax
+	cd .cache/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null && tar -xzf mathjax-$(MATHJAX_VERSION).tgz
+	cp -r .cache/mathjax/package/es5/. book/_static/mathjax/
+	test -f $(MATHJAX)
+
+mathjax: $(MATHJAX)
+
 # Always from scratch (--all and no cache): every chapter runs on the current code.
-build-book: venv
+build-book: venv mathjax
 	rm -rf _build
 	$(VENV)/bin/jupyter-book build . --all -W --keep-going
 	@echo "Book: $(CURDIR)/_build/html/index.html"
@@ -58,7 +73,7 @@ book: build-book
 
 # The test build renders the outputs stored in the notebooks, which nbval has just
 # compared with a fresh run under two sets of CPU kernels; `make book` executes them.
-build-book-stored: venv
+build-book-stored: venv mathjax
 	rm -rf _build
 	mkdir -p _build
 	sed 's/^  execute_notebooks: force$$/  execute_notebooks: "off"/' _config.yml > _build/_config_stored.yml
