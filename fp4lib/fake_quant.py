@@ -86,7 +86,7 @@ def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, s
     if not bool(torch.isfinite(x).all()):
         return torch.full_like(x, float("nan")), None
     kwargs = {"tile": True} if spec.tile else {"axis": axis}
-    if spec.scheme == "mxfp4":
+    if spec.scale_rule is not None:
         kwargs["scale_rule"] = spec.scale_rule
     if spec.rounding == "stochastic":
         kwargs.update(rounding="stochastic", uniforms=cheap_uniform(x.shape, seed, device=x.device))

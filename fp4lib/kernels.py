@@ -39,26 +39,30 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .constants import E2M1_MAX, E8M0_EXP_BIAS, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE
+from .constants import E2M1_MAX, E4M3_MAX, E8M0_EXP_BIAS, MX_BLOCK_SIZE, NVFP4_4OVER6_SCALE_MAX, NVFP4_BLOCK_SIZE, NVFP4_TILE
 from .formats import BNB_FP4, NF4
 from .rounding import hash_uniform
 from .scaling import (
+    FP8_SCHEMES,
     PER_TENSOR,
     QuantizedTensor,
     bnb_scale_blocks,
     e2m1_tensor_scale,
+    fp8_tensor_scale,
     mx_scale_exponents,
+    nvfp4_four_over_six,
     nvfp4_block_scales,
     nvfp4_tensor_scale,
     pow2,
     quantize,
+    resolve_scale_rule,
 )
 
 __all__ = ["FAST_QUANTIZE_SCHEMES", "FAKE_QUANT_SCHEMES", "compile_works", "quantize_packed", "fake_quant_fused",
            "compiled_fake_quant", "VerifiedCompiled"]
 
 FAST_QUANTIZE_SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4", PER_TENSOR)
-FAKE_QUANT_SCHEMES = (PER_TENSOR, "mxfp4", "nvfp4")
+FAKE_QUANT_SCHEMES = (PER_TENSOR, "mxfp4", "nvfp4") + tuple(FP8_SCHEMES)
 _BNB_FORMATS = {"bnb_fp4": BNB_FP4, "nf4": NF4}
 
 # E2M1 round-to-nearest-even as threshold tests: (midpoint, step up, tie goes up?).
@@ -238,6 +242,18 @@ def _bnb_packed(a: torch.Tensor, mids: Tuple[float, ...], order: torch.Tensor):
     return _pack_pairs(codes, low_first=False).reshape(-1), absmax, torch.isfinite(absmax).all()
 
 
+def _nvfp4_scales(v: torch.Tensor, amax_b: torch.Tensor, dims, amax: torch.Tensor, rule: str):
+    """NVFP4 ``(s_dec_b, s_enc_b, s_dec)`` of the block view ``v`` under scale ``rule``
+    (``amax_b``: the block maxima, kept as size-1 axes over ``dims``)."""
+    four_six = rule == "4over6"
+    s_enc, s_dec = nvfp4_tensor_scale(amax, NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
+    if four_six:
+        s_dec_b, s_enc_b = nvfp4_four_over_six(v, amax_b, s_enc, s_dec, dims, _round_nearest)
+    else:
+        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, rule)
+    return s_dec_b, s_enc_b, s_dec
+
+
 def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool):
     """x: (rows, cols) float32 -> (packed, scale, tensor_scale, clipped blocks, finite)."""
     rows, cols = x.shape
@@ -257,15 +273,15 @@ def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool):
         clipped = ((amax_b * inv > E2M1_MAX) & (amax_b > 0)).sum()
         return (_pack_pairs(_e2m1_codes(scaled)), (e + E8M0_EXP_BIAS).to(torch.uint8),
                 amax, clipped, finite)
-    s_enc, s_dec = nvfp4_tensor_scale(amax)
     if tile:
         v = x.view(rows // NVFP4_TILE, NVFP4_TILE, cols // NVFP4_TILE, NVFP4_TILE)
-        s_dec_b, s_enc_b = nvfp4_block_scales(v.abs().amax(dim=(1, 3)), s_enc, s_dec)
-        scaled = (v * s_enc_b[:, None, :, None]).view(rows, cols)
+        dims = (1, 3)
     else:
         v = x.view(rows, cols // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
-        s_dec_b, s_enc_b = nvfp4_block_scales(v.abs().amax(dim=-1), s_enc, s_dec)
-        scaled = (v * s_enc_b.unsqueeze(-1)).view(rows, cols)
+        dims = (2,)
+    s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, v.abs().amax(dim=dims, keepdim=True), dims, amax, scale_rule)
+    scaled = (v * s_enc_b).view(rows, cols)
+    s_dec_b = s_dec_b.reshape(rows // NVFP4_TILE, cols // NVFP4_TILE) if tile else s_dec_b.squeeze(-1)
     packed = _pack_pairs(_e2m1_codes(scaled))
     return packed, s_dec_b.to(torch.float8_e4m3fn), s_dec, zero, finite
 
@@ -278,7 +294,7 @@ def _verified(name: str) -> VerifiedCompiled:
     return VerifiedCompiled(fn, torch.compile(fn, dynamic=dynamic), valid_output=valid)
 
 
-def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_rule: str = "floor",
+def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_rule: Optional[str] = None,
                     tile: bool = False, dtype: torch.dtype = torch.float32) -> Optional[QuantizedTensor]:
     """:func:`fp4lib.quantize` with round-to-nearest, as compiled fused passes; the same bits.
 
@@ -289,6 +305,7 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
     than one full bitsandbytes block, or a per-tensor tensor with an odd last axis).
     """
     shape = x32.shape
+    scale_rule = resolve_scale_rule(scheme, scale_rule)
     common = dict(shape=shape, dtype=dtype, scheme=scheme, block_size=block_size, rounding="nearest")
     label = f"compiled quantize ({scheme}, {x32.device.type})"
     if scheme in _BNB_FORMATS:
@@ -344,9 +361,9 @@ def _operand_blocks(x: torch.Tensor, axis: int, block: int, tile: bool):
 def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str):
     """Stage 1 (reductions): ``(enc, dec_block, dec_tensor, finite)`` for :func:`_stage_apply`.
 
-    Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). MXFP4:
-    ``2^-e`` and ``2^e`` per block. NVFP4: ``s_enc_b``, ``s_dec_b`` per block and
-    the tensor's ``s_dec``. Block tensors have the block view's shape with the
+    Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). FP8: the
+    tensor's ``s_enc`` and ``s_dec``. MXFP4: ``2^-e`` and ``2^e`` per block. NVFP4:
+    ``s_enc_b``, ``s_dec_b`` per block (under ``scale_rule``) and the tensor's ``s_dec``. Block tensors have the block view's shape with the
     reduced axes kept as size 1. ``finite``: 0-d bool, False when x holds NaN/Inf.
     """
     amax = x.abs().amax()
@@ -354,14 +371,16 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
     if scheme == PER_TENSOR:
         scale = e2m1_tensor_scale(amax)
         return scale, scale, None, finite
+    if scheme in FP8_SCHEMES:
+        s_enc, s_dec = fp8_tensor_scale(amax, scheme)
+        return s_enc, None, s_dec, finite
     block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
     v, dims = _operand_blocks(x, axis, block, tile)
     amax_b = v.abs().amax(dim=dims, keepdim=True)
     if scheme == "mxfp4":
         e = mx_scale_exponents(amax_b, scale_rule)
         return pow2(-e), pow2(e), None, finite
-    s_enc, s_dec = nvfp4_tensor_scale(amax)
-    s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec)
+    s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, amax_b, dims, amax, scale_rule)
     return s_enc_b, s_dec_b, s_dec, finite
 
 
@@ -374,6 +393,9 @@ def _stage_apply(x: torch.Tensor, enc, dec_block, dec_tensor, finite, seed_t, sc
     applies to its output.
     """
     rows, cols = x.shape
+    if scheme in FP8_SCHEMES:  # round-to-nearest-even by the cast (stochastic rounding is not offered)
+        q = (x * enc).to(FP8_SCHEMES[scheme][0]).to(torch.float32)
+        return torch.where(finite, q, float("nan")), dec_tensor
     if scheme == PER_TENSOR:
         scaled = x / enc
     else:
@@ -399,7 +421,7 @@ def fake_quant_fused(
     axis: int,
     rounding: str,
     tile: bool = False,
-    scale_rule: str = "floor",
+    scale_rule: Optional[str] = None,
     *,
     stages=None,
 ):
@@ -413,13 +435,14 @@ def fake_quant_fused(
         :func:`fp4lib.rounding.seed_term` of the stochastic-rounding seed (ignored
         for ``"nearest"``): element ``(i, j)`` draws ``hash_uniform(i * cols + j, seed_t)``.
     scheme:
-        ``"e2m1_per_tensor"``, ``"mxfp4"`` or ``"nvfp4"``.
+        ``"e2m1_per_tensor"``, ``"mxfp4"``, ``"nvfp4"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
     axis:
         0 or 1: the axis the blocks run along (the GEMM's reduction axis).
     rounding:
         ``"nearest"`` (ties to even) or ``"stochastic"``.
     tile, scale_rule:
-        NVFP4 16x16 tiles; MXFP4 scale rule ``"floor"`` (OCP) or ``"ceil"``.
+        NVFP4 16x16 tiles; the scale rule (:func:`fp4lib.scaling.resolve_scale_rule`):
+        MXFP4 ``"floor"`` or ``"ceil"``, NVFP4 ``"nearest"``, ``"up"`` or ``"4over6"``.
     stages:
         ``(scales_fn, apply_fn)`` to run instead of the two eager stages (the
         compiled ones, see :func:`compiled_fake_quant`).
@@ -444,6 +467,7 @@ def fake_quant_fused(
     """
     if x.numel() >= 2**31:
         raise ValueError(f"x has {x.numel()} elements; the fused path indexes them with int32 (< 2**31)")
+    scale_rule = resolve_scale_rule(scheme, scale_rule)
     scales_fn, apply_fn = stages or (_stage_scales, _stage_apply)
     enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule)
     return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
@@ -461,7 +485,7 @@ class _CompiledFakeQuant:
         stages = (torch.compile(_stage_scales, dynamic=False), torch.compile(_stage_apply, dynamic=False))
         self.kernel = VerifiedCompiled(fake_quant_fused, functools.partial(fake_quant_fused, stages=stages))
 
-    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule="floor"):
+    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None):
         key = (scheme, axis, rounding, tile, scale_rule, tuple(x.shape), x.device.type)
         label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
                  f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type})")

@@ -17,32 +17,46 @@ ever swapped, and the head (``lm_head``) is excluded by name.
 
 The presets (chapters 4 and 5 of the book):
 
+Every quantized preset keeps the same layers in high precision, the last
+transformer block (NVIDIA kept the last 8 of 62 blocks, plus the first 2, in BF16:
+about one block at our depth of 4-6), so that the recipes differ only in how they
+quantize; the ``*_all_fp4`` presets quantize every block.
+
 * ``bf16`` -- the baseline: nothing quantized (FP32 on a CPU, BF16 autocast on a GPU).
-* ``fp4_naive`` -- E2M1 with one absmax scale per tensor, round-to-nearest, on all
-  three GEMMs of every block.
-* ``mxfp4`` -- MXFP4 (E2M1 + E8M0 scale per 32) on all three GEMMs of every block;
-  forward round-to-nearest (OCP scale rule); backward (Dgrad and Wgrad) stochastic
-  rounding, a random Hadamard transform of size 32 along the reduction axis, and
-  the non-clipping scale rule (Tseng et al. 2025; Castro et al., Quartet, 2025).
+* ``fp8`` -- the 8-bit reference, like Transformer Engine's ``Float8CurrentScaling``:
+  E4M3 forward operands and weights, E5M2 gradients (dY), one FP32 scale per tensor
+  from its current amax, round-to-nearest.
 * ``nvfp4`` -- NVIDIA's recipe (arXiv 2509.25149): NVFP4 on all three GEMMs;
   16x16 weight scales; stochastic rounding on gradients (dY) only; random Hadamard
-  of size 16 on the Wgrad inputs only; the last transformer block in high
-  precision (NVIDIA kept the last 8 of 62 blocks, plus the first 2, in BF16: about
-  one block at our depth of 4-6).
+  of size 16 on the Wgrad inputs only.
+* ``mxfp4`` -- MXFP4 (E2M1 + E8M0 scale per 32) on all three GEMMs; forward
+  round-to-nearest (OCP scale rule); backward (Dgrad and Wgrad) stochastic
+  rounding, a random Hadamard transform of size 32 along the reduction axis, and
+  the non-clipping scale rule (Tseng et al. 2025; Castro et al., Quartet, 2025).
+* ``fp4_naive`` -- E2M1 with one absmax scale per tensor, round-to-nearest, on all
+  three GEMMs.
+* ``nvfp4_all_fp4``, ``mxfp4_all_fp4``, ``fp4_naive_all_fp4`` -- the same with every
+  block quantized (``hp_last_blocks=0``).
 
-Ablations of ``nvfp4``, one argument each: ``nvfp4_all_fp4`` (``hp_last_blocks=0``),
-``nvfp4_no_sr`` (``sr=False``), ``nvfp4_no_rht`` (``rht=0``), ``nvfp4_no_tiles``
-(``tiles=False``), ``nvfp4_fwd_only`` / ``nvfp4_bwd_only`` (``backward=False`` /
-``forward=False``) and ``nvfp4_hp_final`` (``hp_final_fraction=0.1``).
+Ablations of ``nvfp4``, one argument each: ``nvfp4_no_sr`` (``sr=False``),
+``nvfp4_no_rht`` (``rht=0``), ``nvfp4_no_tiles`` (``tiles=False``),
+``nvfp4_fwd_only`` / ``nvfp4_bwd_only`` (``backward=False`` / ``forward=False``),
+``nvfp4_hp_final`` (``hp_final_fraction=0.1``) and its control ``nvfp4_hp_eval``
+(``hp_eval=True``: trained in FP4 throughout, evaluated in high precision). Two
+ingredients from after NVIDIA's recipe: ``nvfp4_unbiased_sr`` (``unbiased_sr=True``:
+the E4M3 block scales of stochastically rounded operands rounded up, so that no
+block maximum is clamped) and ``nvfp4_4over6`` (``scale_rule="4over6"``: Cook et al.
+2025, arXiv 2512.02010).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -56,9 +70,11 @@ __all__ = [
     "nvfp4_recipe",
     "mxfp4_recipe",
     "naive_recipe",
+    "fp8_recipe",
     "get_recipe",
     "apply_recipe",
     "set_quantization",
+    "quantization_disabled",
     "quantized_layers",
     "hp_switch_step",
 ]
@@ -89,6 +105,10 @@ class Recipe:
         ``fnmatch`` patterns of module names never quantized (the output head).
     hp_final_fraction:
         Fraction of the training steps at the end run in high precision (0: none).
+    hp_eval:
+        Evaluate with every layer in high precision (the training steps stay as
+        the recipe says): the control that separates a high-precision final
+        stretch of training from a high-precision evaluation pass.
 
     Examples
     --------
@@ -104,6 +124,7 @@ class Recipe:
     hp_last_blocks: int = 0
     exclude: Tuple[str, ...] = DEFAULT_EXCLUDE
     hp_final_fraction: float = 0.0
+    hp_eval: bool = False
 
     def __post_init__(self):
         if self.linear is not None and not isinstance(self.linear, LinearSpec):
@@ -155,7 +176,8 @@ def _gemms(forward: bool, backward: bool) -> str:
 
 def nvfp4_recipe(*, sr: bool = True, rht: int = NV_WGRAD_HADAMARD, tiles: bool = True, hp_first_blocks: int = 0,
                  hp_last_blocks: int = NVIDIA_HP_LAST_BLOCKS, forward: bool = True, backward: bool = True,
-                 hp_final_fraction: float = 0.0, name: str = "nvfp4") -> Recipe:
+                 hp_final_fraction: float = 0.0, hp_eval: bool = False, scale_rule: str = "nearest",
+                 unbiased_sr: bool = False, name: str = "nvfp4") -> Recipe:
     """NVIDIA's NVFP4 recipe, each ingredient an argument.
 
     ``sr``: stochastic rounding of the gradient dY (Dgrad and Wgrad); ``rht``:
@@ -163,7 +185,12 @@ def nvfp4_recipe(*, sr: bool = True, rht: int = NV_WGRAD_HADAMARD, tiles: bool =
     16x16 weight tile (else 1x16 blocks along each GEMM's reduction axis);
     ``hp_first_blocks`` / ``hp_last_blocks``: transformer blocks kept in high
     precision; ``forward`` / ``backward``: quantize Fprop / Dgrad and Wgrad;
-    ``hp_final_fraction``: the last fraction of the steps in high precision.
+    ``hp_final_fraction``: the last fraction of the steps in high precision;
+    ``hp_eval``: evaluate in high precision. Beyond NVIDIA's recipe:
+    ``scale_rule``: the block-scale rule of every operand (``"nearest"``, or
+    ``"4over6"``: Cook et al. 2025); ``unbiased_sr``: round the E4M3 block scale
+    of the stochastically rounded operands up (``scale_rule="up"``), so that no
+    block maximum exceeds 6 and is clamped, and their rounding is unbiased.
 
     Examples
     --------
@@ -171,9 +198,11 @@ def nvfp4_recipe(*, sr: bool = True, rht: int = NV_WGRAD_HADAMARD, tiles: bool =
     >>> r.linear.dgrad_dy.rounding, r.hp_last_blocks
     ('nearest', 1)
     """
-    act = QuantSpec("nvfp4")
-    weight = QuantSpec("nvfp4", tile=tiles)
-    grad = QuantSpec("nvfp4", rounding="stochastic" if sr else "nearest")
+    if unbiased_sr and not sr:
+        raise ValueError("unbiased_sr rounds the block scales of stochastically rounded operands up; it needs sr=True")
+    act = QuantSpec("nvfp4", scale_rule=scale_rule)
+    weight = QuantSpec("nvfp4", tile=tiles, scale_rule=scale_rule)
+    grad = QuantSpec("nvfp4", rounding="stochastic" if sr else "nearest", scale_rule="up" if unbiased_sr else scale_rule)
     linear = LinearSpec(
         fprop_x=act, fprop_w=weight, dgrad_dy=grad, dgrad_w=weight,
         wgrad_dy=dataclasses.replace(grad, hadamard=rht), wgrad_x=dataclasses.replace(act, hadamard=rht),
@@ -181,15 +210,19 @@ def nvfp4_recipe(*, sr: bool = True, rht: int = NV_WGRAD_HADAMARD, tiles: bool =
     desc = ("NVFP4 (E4M3 scale per 16 + FP32 per tensor) on " + _gemms(forward, backward)
             + ("; 16x16 weight tiles" if tiles else "; 1x16 weight blocks")
             + ("; SR on gradients" if sr else "; round-to-nearest everywhere")
+            + ("; block scales of SR operands rounded up (unbiased SR)" if unbiased_sr else "")
+            + ("; four-over-six block scales" if scale_rule == "4over6" else "")
             + (f"; random Hadamard {rht} on Wgrad inputs" if rht else "")
             + _excluded_blocks(hp_first_blocks, hp_last_blocks)
-            + (f"; the last {hp_final_fraction:.0%} of steps in high precision" if hp_final_fraction else ""))
+            + (f"; the last {hp_final_fraction:.0%} of steps in high precision" if hp_final_fraction else "")
+            + ("; evaluated in high precision" if hp_eval else ""))
     return Recipe(name, desc, _where(linear, forward, backward), hp_first_blocks=hp_first_blocks,
-                  hp_last_blocks=hp_last_blocks, hp_final_fraction=hp_final_fraction)
+                  hp_last_blocks=hp_last_blocks, hp_final_fraction=hp_final_fraction, hp_eval=hp_eval)
 
 
 def mxfp4_recipe(*, sr: bool = True, rht: int = MX_BACKWARD_HADAMARD, backward_scale_rule: str = "ceil",
-                 hp_first_blocks: int = 0, hp_last_blocks: int = 0, forward: bool = True, backward: bool = True,
+                 hp_first_blocks: int = 0, hp_last_blocks: int = NVIDIA_HP_LAST_BLOCKS, forward: bool = True,
+                 backward: bool = True,
                  hp_final_fraction: float = 0.0, name: str = "mxfp4") -> Recipe:
     """MXFP4 training after Tseng et al. and Quartet: RTN forward (OCP scale rule);
     backward with stochastic rounding (``sr``), a random Hadamard of size ``rht`` along
@@ -211,7 +244,8 @@ def mxfp4_recipe(*, sr: bool = True, rht: int = MX_BACKWARD_HADAMARD, backward_s
                   hp_last_blocks=hp_last_blocks, hp_final_fraction=hp_final_fraction)
 
 
-def naive_recipe(*, hp_first_blocks: int = 0, hp_last_blocks: int = 0, name: str = "fp4_naive") -> Recipe:
+def naive_recipe(*, hp_first_blocks: int = 0, hp_last_blocks: int = NVIDIA_HP_LAST_BLOCKS,
+                 name: str = "fp4_naive") -> Recipe:
     """E2M1 with one absmax scale per tensor, round-to-nearest, on every GEMM operand.
 
     Examples
@@ -225,25 +259,49 @@ def naive_recipe(*, hp_first_blocks: int = 0, hp_last_blocks: int = 0, name: str
                   hp_last_blocks=hp_last_blocks)
 
 
+def fp8_recipe(*, hp_first_blocks: int = 0, hp_last_blocks: int = NVIDIA_HP_LAST_BLOCKS, name: str = "fp8") -> Recipe:
+    """FP8 training with per-tensor current scaling, like Transformer Engine's
+    ``Float8CurrentScaling``: E4M3 for activations and weights, E5M2 for the
+    gradient dY, one FP32 scale per tensor from its amax, round-to-nearest.
+
+    Examples
+    --------
+    >>> fp8_recipe().linear.describe().splitlines()[1]
+    'dgrad: dy fp8_e5m2/rtn, w fp8_e4m3/rtn'
+    """
+    fwd, grad = QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2")
+    linear = LinearSpec(fprop_x=fwd, fprop_w=fwd, dgrad_dy=grad, dgrad_w=fwd, wgrad_dy=grad, wgrad_x=fwd)
+    desc = ("FP8 with per-tensor current scaling: E4M3 activations and weights, E5M2 gradients, all GEMMs"
+            + _excluded_blocks(hp_first_blocks, hp_last_blocks))
+    return Recipe(name, desc, linear, hp_first_blocks=hp_first_blocks, hp_last_blocks=hp_last_blocks)
+
+
 BF16 = Recipe("bf16", "baseline: no quantization (FP32 on CPU, BF16 autocast on GPU)")
 
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     BF16,
-    naive_recipe(),
-    mxfp4_recipe(),
+    fp8_recipe(),
     nvfp4_recipe(),
+    mxfp4_recipe(),
+    naive_recipe(),
     nvfp4_recipe(hp_last_blocks=0, name="nvfp4_all_fp4"),
+    mxfp4_recipe(hp_last_blocks=0, name="mxfp4_all_fp4"),
+    naive_recipe(hp_last_blocks=0, name="fp4_naive_all_fp4"),
     nvfp4_recipe(sr=False, name="nvfp4_no_sr"),
     nvfp4_recipe(rht=0, name="nvfp4_no_rht"),
     nvfp4_recipe(tiles=False, name="nvfp4_no_tiles"),
     nvfp4_recipe(backward=False, name="nvfp4_fwd_only"),
     nvfp4_recipe(forward=False, name="nvfp4_bwd_only"),
     nvfp4_recipe(hp_final_fraction=HP_FINAL_FRACTION, name="nvfp4_hp_final"),
+    nvfp4_recipe(hp_eval=True, name="nvfp4_hp_eval"),
+    nvfp4_recipe(unbiased_sr=True, name="nvfp4_unbiased_sr"),
+    nvfp4_recipe(scale_rule="4over6", name="nvfp4_4over6"),
 )}
-"""Named recipes, each a call of a builder above: ``bf16``, ``fp4_naive``,
-``mxfp4``, ``nvfp4`` and the nvfp4 ablations ``nvfp4_all_fp4``, ``nvfp4_no_sr``,
-``nvfp4_no_rht``, ``nvfp4_no_tiles``, ``nvfp4_fwd_only``, ``nvfp4_bwd_only``,
-``nvfp4_hp_final``."""
+"""Named recipes, each a call of a builder above (see the module docs): ``bf16``,
+``fp8``, ``nvfp4``, ``mxfp4``, ``fp4_naive``, their ``*_all_fp4`` variants, and the
+nvfp4 ablations ``nvfp4_no_sr``, ``nvfp4_no_rht``, ``nvfp4_no_tiles``,
+``nvfp4_fwd_only``, ``nvfp4_bwd_only``, ``nvfp4_hp_final``, ``nvfp4_hp_eval``,
+``nvfp4_unbiased_sr``, ``nvfp4_4over6``."""
 
 
 def get_recipe(name: str) -> Recipe:
@@ -337,6 +395,20 @@ def set_quantization(model: nn.Module, enabled: bool) -> int:
             m.quantize = enabled
             changed += 1
     return changed
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the block with every FP4Linear in high precision, then restore each layer's state."""
+    layers = [m for m in model.modules() if isinstance(m, FP4Linear)]
+    states = [m.quantize for m in layers]
+    for m in layers:
+        m.quantize = False
+    try:
+        yield
+    finally:
+        for m, state in zip(layers, states):
+            m.quantize = state
 
 
 def hp_switch_step(recipe: Recipe, steps: int) -> Optional[int]:

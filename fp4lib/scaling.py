@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,7 @@ from .constants import (
     BNB_NESTED_BLOCK_SIZE,
     E2M1_MAX,
     E4M3_MAX,
+    E5M2_MAX,
     E8M0_EXP_BIAS,
     E8M0_MAX_EXP,
     E8M0_MIN_EXP,
@@ -44,9 +45,12 @@ from .constants import (
     FP4_BITS,
     FP32_BITS,
     MX_BLOCK_SIZE,
+    NVFP4_4OVER6_SCALE_MAX,
+    NVFP4_4OVER6_TARGET,
     NVFP4_BLOCK_SIZE,
     NVFP4_TILE,
     SCALE8_BITS,
+    SCALE_RULES,
 )
 from .formats import BNB_FP4, E2M1, NF4, ElementFormat
 from .packing import pack_nibbles, unpack_nibbles
@@ -67,12 +71,22 @@ __all__ = [
     "mx_scale_exponents",
     "nvfp4_tensor_scale",
     "nvfp4_block_scales",
+    "nvfp4_four_over_six",
+    "e4m3_round_up",
+    "resolve_scale_rule",
+    "FP8_SCHEMES",
+    "fp8_tensor_scale",
+    "fp8_fake_quantize",
     "PER_TENSOR",
     "BACKENDS",
 ]
 
 PER_TENSOR = "e2m1_per_tensor"
 SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4", PER_TENSOR)
+FP8_SCHEMES = {"fp8_e4m3": (torch.float8_e4m3fn, E4M3_MAX), "fp8_e5m2": (torch.float8_e5m2, E5M2_MAX)}
+"""The 8-bit reference formats of training (not 4-bit storage schemes): scheme ->
+(torch dtype, largest finite value). One FP32 scale per tensor, from its current
+amax (Transformer Engine's ``Float8CurrentScaling``)."""
 NONFINITE_MODES = ("raise", "zero")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "reference", "compiled")
@@ -500,11 +514,24 @@ def mx_scale_exponents(amax: torch.Tensor, scale_rule: str = "floor") -> torch.T
     return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
 
 
-def nvfp4_tensor_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _current_scale(amax: torch.Tensor, top: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(s_enc, s_dec)``: ``s_enc = top / amax`` (1 when amax is 0, capped at the
+    float32 maximum), ``s_dec = 1 / s_enc``, in float32."""
+    amax = amax.float()
+    # A true float32 division (a Python number over a tensor would be computed as a
+    # product with the reciprocal, one ulp off for about a quarter of amax values).
+    s_enc = torch.where(amax > 0, torch.full_like(amax, top) / amax, torch.ones_like(amax))
+    s_enc = s_enc.clamp(max=FLOAT32_MAX)
+    return s_enc, 1.0 / s_enc
+
+
+def nvfp4_tensor_scale(amax: torch.Tensor, scale_max: float = E4M3_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 per-tensor scales ``(s_enc, s_dec)`` in float32.
 
-    ``s_enc = 6 * 448 / amax`` (1 when amax is 0, capped at the float32 maximum),
-    ``s_dec = 1 / s_enc``.
+    ``s_enc = 6 * scale_max / amax`` (1 when amax is 0, capped at the float32
+    maximum), ``s_dec = 1 / s_enc``. ``scale_max`` is the largest block scale the
+    tensor may need: E4M3's 448, or 256 under four-over-six, whose second
+    candidate scale ``amax_b / 4`` would otherwise overflow E4M3.
 
     Examples
     --------
@@ -512,25 +539,129 @@ def nvfp4_tensor_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     >>> [float(s) for s in nvfp4_tensor_scale(torch.tensor(2688.0))]
     [1.0, 1.0]
     """
-    amax = amax.float()
-    # A true float32 division (a Python number over a tensor would be computed as a
-    # product with the reciprocal, one ulp off for about a quarter of amax values).
-    s_enc = torch.where(amax > 0, torch.full_like(amax, E2M1_MAX * E4M3_MAX) / amax, torch.ones_like(amax))
-    s_enc = s_enc.clamp(max=FLOAT32_MAX)
-    return s_enc, 1.0 / s_enc
+    return _current_scale(amax, E2M1_MAX * scale_max)
 
 
-def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def e4m3_round_up(v: torch.Tensor) -> torch.Tensor:
+    """The smallest E4M3 number at least ``v`` (float32, 0 <= v), saturating at 448; float32.
+
+    Examples
+    --------
+    >>> import torch
+    >>> e4m3_round_up(torch.tensor([1.0, 1.01, 1.2, 0.0, 500.0])).tolist()  # E4M3 steps by 1/8 in [1, 2)
+    [1.0, 1.125, 1.25, 0.0, 448.0]
+    """
+    q = v.to(torch.float8_e4m3fn)
+    below = q.to(torch.float32)
+    above = (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn).to(torch.float32)
+    return torch.where((below < v) & (below < E4M3_MAX), above, below)
+
+
+def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, rule: str = "nearest",
+                       target: float = E2M1_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 block scales ``(s_dec_b, s_enc_b)`` from block amax values and the tensor's scales.
 
-    ``s_dec_b = e4m3((amax_b / 6) * s_enc)`` (round to nearest even, saturating at
-    448), returned as float32 values of E4M3 numbers; ``s_enc_b = 1 / (s_dec_b * s_dec)``,
-    or 0 for a block whose scale rounds to 0 (it can only hold zeros).
+    ``s_dec_b = e4m3((amax_b / target) * s_enc)``, returned as float32 values of
+    E4M3 numbers: rounded to nearest even and saturating at 448 (``rule="nearest"``,
+    the standard), or rounded up (``rule="up"``), so that no block maximum lands
+    above ``target`` and stochastic rounding never has to clamp it. ``target`` is
+    the E2M1 value the block maximum maps to: 6, or 4 for four-over-six's second
+    candidate. ``s_enc_b = 1 / (s_dec_b * s_dec)``, or 0 for a block whose scale
+    rounds to 0 (it can only hold zeros).
     """
-    s_dec_b = ((amax_b / E2M1_MAX) * s_enc).to(torch.float8_e4m3fn).to(torch.float32)
+    ideal = (amax_b / target) * s_enc
+    if rule == "up":
+        s_dec_b = e4m3_round_up(ideal)
+    else:
+        s_dec_b = ideal.to(torch.float8_e4m3fn).to(torch.float32)
     denom = s_dec_b * s_dec
     s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=FLOAT32_MAX)
     return s_dec_b, s_enc_b
+
+
+def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor,
+                        dims, round_nearest: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Four-over-six block scales ``(s_dec_b, s_enc_b)`` (Cook et al. 2025, arXiv 2512.02010).
+
+    Each block gets one of two scales: the standard one, which maps its maximum to
+    6, or one that maps it to 4, whichever gives the smaller squared error after
+    round-to-nearest. Near 6 the E2M1 grid steps by 2; mapping the maximum to 4
+    trades range for the finer steps below 4. ``blocks``: the tensor's blocks in
+    float32, ``amax_b`` their maxima broadcastable against them, ``dims`` the
+    block axes, ``round_nearest`` E2M1 round-to-nearest-even on values. The
+    tensor's scales must come from ``nvfp4_tensor_scale(amax, 256)`` so that both
+    candidates fit E4M3.
+
+    The error of a candidate with block scale ``S`` is summed in float64 over the
+    block from ``q * S - x * s_enc``, where ``q * S`` is exact (an E2M1 value times
+    an E4M3 one): every term is computed exactly alike on every path. A tie keeps 6.
+    """
+    y = blocks * s_enc
+    candidates = (nvfp4_block_scales(amax_b, s_enc, s_dec),
+                  nvfp4_block_scales(amax_b, s_enc, s_dec, target=NVFP4_4OVER6_TARGET))
+    errors = []
+    for s_dec_b, s_enc_b in candidates:
+        e = round_nearest(blocks * s_enc_b) * s_dec_b - y
+        errors.append(e.double().square().sum(dim=dims, keepdim=True))
+    use4 = errors[1] < errors[0]
+    (d6, e6), (d4, e4) = candidates
+    return torch.where(use4, d4, d6), torch.where(use4, e4, e6)
+
+
+def resolve_scale_rule(scheme: str, scale_rule: Optional[str]) -> Optional[str]:
+    """``scale_rule`` checked for ``scheme``; ``None`` means the scheme's standard rule.
+
+    MXFP4: ``"floor"`` (OCP) or ``"ceil"``; NVFP4: ``"nearest"``, ``"up"`` or
+    ``"4over6"`` (:func:`nvfp4_block_scales`, :func:`nvfp4_four_over_six`). Other
+    schemes have no scale rule (``None``).
+
+    Examples
+    --------
+    >>> resolve_scale_rule("nvfp4", None), resolve_scale_rule("mxfp4", "ceil"), resolve_scale_rule("nf4", None)
+    ('nearest', 'ceil', None)
+    """
+    rules = SCALE_RULES.get(scheme)
+    if scale_rule is None:
+        return rules[0] if rules else None
+    if rules is None:
+        raise ValueError(f"scale_rule applies to 'mxfp4' and 'nvfp4' only, not {scheme!r}")
+    if scale_rule not in rules:
+        raise ValueError(f"{scheme} scale_rule must be one of {rules}, got {scale_rule!r}")
+    return scale_rule
+
+
+def fp8_tensor_scale(amax: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor current scaling for FP8: ``(s_enc, s_dec)`` with ``s_enc = fmax / amax``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> [float(s) for s in fp8_tensor_scale(torch.tensor(448.0), "fp8_e4m3")]
+    [1.0, 1.0]
+    """
+    return _current_scale(amax, FP8_SCHEMES[scheme][1])
+
+
+def fp8_fake_quantize(x: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FP8 with one scale per tensor, round-to-nearest-even: ``(values, s_dec)``.
+
+    ``values``: float32 FP8 numbers (``x * s_enc`` cast to the FP8 dtype), so that
+    ``values * s_dec`` is the dequantized tensor; the tensor's maximum maps to the
+    format's largest value (448 for E4M3, 57344 for E5M2).
+
+    Examples
+    --------
+    >>> import torch
+    >>> values, s_dec = fp8_fake_quantize(torch.tensor([1.0, 0.3, -2.0]), "fp8_e4m3")
+    >>> values.tolist(), s_dec.item()  # amax 2 -> s_enc 224; 0.3 * 224 = 67.2 -> 64 (E4M3 steps by 8 there)
+    ([224.0, 64.0, -448.0], 0.004464285913854837)
+    """
+    if scheme not in FP8_SCHEMES:
+        raise ValueError(f"scheme must be one of {tuple(FP8_SCHEMES)}, got {scheme!r}")
+    x32 = x.float()
+    s_enc, s_dec = fp8_tensor_scale(x32.abs().amax(), scheme)
+    return (x32 * s_enc).to(FP8_SCHEMES[scheme][0]).to(torch.float32), s_dec
 
 
 # ----------------------------------------------------------------------------
@@ -581,10 +712,20 @@ def _mx_codes(x32: torch.Tensor, rounding: str, generator, uniforms, scale_rule:
     return codes, scale, clip_fraction
 
 
-def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool):
-    s_enc, s_dec = nvfp4_tensor_scale(x32.abs().max())
-    amax_b = _block_view(x32, NVFP4_BLOCK_SIZE, tile).abs().amax(dim=-1)
-    s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec)
+def _e2m1_nearest(v: torch.Tensor) -> torch.Tensor:
+    return E2M1.decode(E2M1.encode(v))
+
+
+def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool, scale_rule: str):
+    four_six = scale_rule == "4over6"
+    s_enc, s_dec = nvfp4_tensor_scale(x32.abs().max(), NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
+    blocks = _block_view(x32, NVFP4_BLOCK_SIZE, tile)
+    amax_b = blocks.abs().amax(dim=-1)
+    if four_six:
+        s_dec_b, s_enc_b = nvfp4_four_over_six(blocks, amax_b.unsqueeze(-1), s_enc, s_dec, -1, _e2m1_nearest)
+        s_dec_b, s_enc_b = s_dec_b.squeeze(-1), s_enc_b.squeeze(-1)
+    else:
+        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, scale_rule)
     codes = E2M1.encode(_times_blocks(x32, s_enc_b, NVFP4_BLOCK_SIZE, tile), rounding, generator, uniforms)
     return codes, s_dec_b.to(torch.float8_e4m3fn), s_dec
 
@@ -623,7 +764,7 @@ def quantize(
     generator: Optional[torch.Generator] = None,
     uniforms: Optional[torch.Tensor] = None,
     double_quant: bool = False,
-    scale_rule: str = "floor",
+    scale_rule: Optional[str] = None,
     tile: bool = False,
     nonfinite: str = "raise",
     backend: str = "auto",
@@ -659,7 +800,12 @@ def quantize(
         is the exact nearest entry of the dynamic map, whereas bitsandbytes' CPU
         search lands one entry off for roughly 0.1% of them.
     scale_rule:
-        MXFP4 only: ``"floor"`` (OCP) or ``"ceil"`` (never clips).
+        How block scales are chosen; ``None``: the standard rule. MXFP4:
+        ``"floor"`` (OCP, the standard) or ``"ceil"`` (never clips). NVFP4:
+        ``"nearest"`` (the standard), ``"up"`` (the E4M3 scale rounded up, so
+        that no element exceeds 6 after scaling and stochastic rounding stays
+        unbiased at block maxima) or ``"4over6"`` (four-over-six, see
+        :func:`nvfp4_four_over_six`).
     tile:
         NVFP4 only: one scale per 16x16 tile of a 2-D tensor (for weights).
     nonfinite:
@@ -693,10 +839,7 @@ def quantize(
     bs = _check_block_size(scheme, block_size)
     if double_quant and scheme not in _BNB_SCHEMES:
         raise ValueError(f"double_quant applies to 'bnb_fp4' and 'nf4' only, not {scheme!r}")
-    if scale_rule != "floor" and scheme != "mxfp4":
-        raise ValueError(f"scale_rule applies to 'mxfp4' only, not {scheme!r}")
-    if scale_rule not in MX_SCALE_RULES:
-        raise ValueError(f"scale_rule must be one of {MX_SCALE_RULES}, got {scale_rule!r}")
+    scale_rule = resolve_scale_rule(scheme, scale_rule)
     if tile and scheme != "nvfp4":
         raise ValueError(f"tile applies to 'nvfp4' only, not {scheme!r}")
     if uniforms is not None:
@@ -741,7 +884,7 @@ def quantize(
     if scheme == "mxfp4":
         codes, scale, clip = _mx_codes(x32, rounding, generator, uniforms, scale_rule)
         return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=scale, clip_fraction=clip, **common)
-    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile)
+    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile, scale_rule)
     return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=s_dec_b, global_scale=s_dec, tile=tile,
                            **common)
 
@@ -771,9 +914,17 @@ def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, factored: boo
     >>> values, scale = fake_quantize(torch.tensor([[0.3, -1.0, 2.9, 6.0]]), "e2m1_per_tensor", factored=True)
     >>> values.tolist(), scale.item()
     ([[0.5, -1.0, 3.0, 6.0]], 1.0)
+    >>> fake_quantize(torch.tensor([1.0, 0.3, -2.0]), "fp8_e4m3").tolist()  # FP8 schemes too (see FP8_SCHEMES)
+    [1.0, 0.2857142984867096, -2.0]
     """
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if scheme in FP8_SCHEMES:  # one scale per tensor: the axis does not matter
+        extra = set(kwargs) - {"backend"}
+        if extra:
+            raise ValueError(f"{scheme} is round-to-nearest with one scale per tensor; it takes no {sorted(extra)}")
+        values, s_dec = fp8_fake_quantize(x, scheme)
+        return (values, s_dec) if factored else (values * s_dec).to(x.dtype)
     moved = x
     if axis not in (-1, x.dim() - 1):
         if scheme not in ("mxfp4", "nvfp4", PER_TENSOR) or kwargs.get("tile"):

@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
-from .constants import MX_BLOCK_SIZE, MX_SCALE_RULES, NVFP4_BLOCK_SIZE
+from .constants import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, SCALE_RULES
 from .hadamard import HADAMARD_SIZES
 from .rounding import ROUNDING_MODES
-from .scaling import PER_TENSOR
+from .scaling import FP8_SCHEMES, PER_TENSOR, resolve_scale_rule
 
 __all__ = ["QUANT_SCHEMES", "ROLES", "GEMMS", "QuantSpec", "LinearSpec", "OFF"]
 
-QUANT_SCHEMES = ("none", PER_TENSOR, "mxfp4", "nvfp4")
+QUANT_SCHEMES = ("none", PER_TENSOR, "mxfp4", "nvfp4") + tuple(FP8_SCHEMES)
 """Operand schemes: ``"none"`` (high precision), ``"e2m1_per_tensor"`` (E2M1 with
 one FP32 absmax/6 scale for the whole tensor: the naive recipe), ``"mxfp4"``
-(E2M1 + one E8M0 scale per 32) and ``"nvfp4"`` (E2M1 + one E4M3 scale per 16 + one
-FP32 scale per tensor)."""
+(E2M1 + one E8M0 scale per 32), ``"nvfp4"`` (E2M1 + one E4M3 scale per 16 + one
+FP32 scale per tensor), and the 8-bit reference ``"fp8_e4m3"`` / ``"fp8_e5m2"``
+(one FP32 scale per tensor from its current amax, round-to-nearest)."""
 
 ROLES: Dict[str, Tuple[str, int, int]] = {
     "fprop_x": ("fprop", 1, 0),
@@ -71,9 +72,15 @@ class QuantSpec:
         NVFP4 weights only: one scale per 16x16 tile, so Fprop and Dgrad (which
         block the weight along different axes) see the same quantized weight.
     scale_rule:
-        MXFP4 only: ``"floor"`` (OCP MX v1.0; the block maximum may clip) or
-        ``"ceil"`` (never clips; the role of Tseng et al.'s 3/4 pre-scale, which
-        keeps stochastic rounding unbiased).
+        How the block scales are chosen; ``None`` gives the scheme's standard
+        rule (and stays ``None`` for schemes without block scales). MXFP4:
+        ``"floor"`` (OCP MX v1.0; the block maximum may clip) or ``"ceil"`` (never
+        clips; the role of Tseng et al.'s 3/4 pre-scale, which keeps stochastic
+        rounding unbiased). NVFP4: ``"nearest"`` (the E4M3 scale rounded to
+        nearest: a block maximum may land up to 6.4 and clamp to 6), ``"up"`` (the
+        scale rounded up: nothing clamps, so stochastic rounding is unbiased at
+        block maxima too) or ``"4over6"`` (each block's maximum mapped to 6 or to 4,
+        whichever gives the smaller error; Cook et al. 2025).
 
     The block axis is not part of the spec: it is the reduction axis of the GEMM
     the operand enters (see the table in the module docs).
@@ -81,7 +88,7 @@ class QuantSpec:
     Examples
     --------
     >>> QuantSpec("nvfp4", rounding="stochastic")
-    QuantSpec(scheme='nvfp4', rounding='stochastic', hadamard=0, tile=False, scale_rule='floor')
+    QuantSpec(scheme='nvfp4', rounding='stochastic', hadamard=0, tile=False, scale_rule='nearest')
     >>> QuantSpec().enabled
     False
     """
@@ -90,21 +97,20 @@ class QuantSpec:
     rounding: str = "nearest"
     hadamard: int = 0
     tile: bool = False
-    scale_rule: str = "floor"
+    scale_rule: Optional[str] = None
 
     def __post_init__(self):
         if self.scheme not in QUANT_SCHEMES:
             raise ValueError(f"scheme must be one of {QUANT_SCHEMES}, got {self.scheme!r}")
+        object.__setattr__(self, "scale_rule", resolve_scale_rule(self.scheme, self.scale_rule))
+        if self.scheme in FP8_SCHEMES and self.rounding != "nearest":
+            raise ValueError(f"{self.scheme} is offered with round-to-nearest only, got rounding={self.rounding!r}")
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         if self.hadamard != 0 and self.hadamard not in HADAMARD_SIZES:
             raise ValueError(f"hadamard must be 0 (off) or one of {HADAMARD_SIZES}, got {self.hadamard!r}")
         if self.tile and self.scheme != "nvfp4":
             raise ValueError(f"tile (16x16 weight scales) applies to scheme 'nvfp4' only, got scheme {self.scheme!r}")
-        if self.scale_rule not in MX_SCALE_RULES:
-            raise ValueError(f"scale_rule must be one of {MX_SCALE_RULES}, got {self.scale_rule!r}")
-        if self.scale_rule != "floor" and self.scheme != "mxfp4":
-            raise ValueError(f"scale_rule applies to scheme 'mxfp4' only, got scheme {self.scheme!r}")
         if self.hadamard and self.tile:
             raise ValueError("a Hadamard-transformed weight has no 16x16 tile structure: use hadamard or tile, not both")
 
@@ -127,7 +133,7 @@ class QuantSpec:
             parts.append(f"rht{self.hadamard}")
         if self.tile:
             parts.append("16x16")
-        if self.scale_rule != "floor":
+        if self.scale_rule not in (None, SCALE_RULES.get(self.scheme, (None,))[0]):
             parts.append(self.scale_rule)
         return "/".join(parts)
 

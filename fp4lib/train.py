@@ -41,8 +41,8 @@ import torch
 from .data import TokenWindows, load_corpus, split_tokens, VAL_FRACTION
 from .model import GPT, GPTConfig
 from .fake_quant import BACKEND_CHOICES
-from .recipes import RECIPES, Recipe, apply_recipe, get_recipe, hp_switch_step, set_quantization
-from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, TrainingDiverged, TrainResult
+from .recipes import RECIPES, Recipe, apply_recipe, get_recipe, hp_switch_step, quantization_disabled, set_quantization
+from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, TrainingDiverged, TrainResult, default_loss
 
 __all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training", "main", "FINAL_LINE_PREFIX"]
 
@@ -135,10 +135,20 @@ def build_run(recipe: str | Recipe, preset: str = "ci", *, seed: int = 0, corpus
         "val_tokens": len(val_tok),
         "quantized_layers": swapped,
         "hp_final_fraction": rec.hp_final_fraction,
+        "hp_eval": rec.hp_eval,
         "backend": backend,
         "torch": torch.__version__,
     }
     return model, rec, train, val, info
+
+
+def _hp_eval_loss(model, batch):
+    """The default loss, computed in high precision when the model is in eval mode
+    (the trainer's evaluation), as the recipe's FP4 loss otherwise."""
+    if model.training:
+        return default_loss(model, batch)
+    with quantization_disabled(model):
+        return default_loss(model, batch)
 
 
 def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Optional[int] = None, seed: int = 0,
@@ -179,7 +189,8 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
             if key in stored and stored[key] != info[key]:
                 raise ValueError(f"resume: the checkpoint in {out} was made with {key}={stored[key]!r}, "
                                  f"not {info[key]!r}")
-    trainer = Trainer(model, train, val, cfg, hooks=all_hooks, run_info=info)
+    trainer = Trainer(model, train, val, cfg, loss_fn=_hp_eval_loss if rec.hp_eval else default_loss,
+                      hooks=all_hooks, run_info=info)
     m = PRESETS[preset].model
     log(f"recipe {rec.name}: {rec.description}")
     log(f"model: {info['n_params'] / 1e6:.2f}M parameters (d={m.n_embd}, {m.n_layer} layers, {m.n_head} heads, "

@@ -48,6 +48,12 @@ SPECS = [
     QuantSpec("nvfp4", rounding="stochastic"),
     QuantSpec("nvfp4", tile=True),
     QuantSpec("nvfp4", rounding="stochastic", tile=True),
+    QuantSpec("nvfp4", rounding="stochastic", scale_rule="up"),
+    QuantSpec("nvfp4", scale_rule="4over6"),
+    QuantSpec("nvfp4", rounding="stochastic", scale_rule="4over6"),
+    QuantSpec("nvfp4", tile=True, scale_rule="4over6"),
+    QuantSpec("fp8_e4m3"),
+    QuantSpec("fp8_e5m2"),
 ]
 
 
@@ -106,10 +112,14 @@ def test_reference_nearest_is_the_core_fake_quantize(spec, axis):
         assert torch.isin(ref, grid).all()  # on the scaled E2M1 grid
         nearest = (x.unsqueeze(-1) - grid).abs().min(-1).values
         assert torch.all((ref - x).abs() == nearest)  # and the nearest point of it
+    elif spec.scheme.startswith("fp8"):
+        dtype, fmax = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8_e5m2, 57344.0)}[spec.scheme]
+        s = x.abs().max() / fmax  # one scale: amax / fmax
+        assert same_bits(ref, (x * (fmax / x.abs().max())).to(dtype).float() * (1 / (fmax / x.abs().max())))
+        assert ((ref - x).abs() <= x.abs() * 2.0 ** -(4 if dtype == torch.float8_e4m3fn else 3) + s * 2.0**-9).all()
     else:
         kw = {"tile": True} if spec.tile else {}
-        if spec.scheme == "mxfp4":
-            kw["scale_rule"] = spec.scale_rule
+        kw["scale_rule"] = spec.scale_rule
         assert same_bits(ref, fake_quantize(x, spec.scheme, axis=-1 if spec.tile else axis, **kw))
 
 
@@ -182,13 +192,16 @@ def test_nonfinite_operand_gives_all_nan_in_both_paths(bad, spec):
 
 
 @pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
-def test_compiled_matches_reference_bit_for_bit():
-    """The most involved specialisation: NVFP4 with stochastic rounding, blocks along axis 0.
+@pytest.mark.parametrize("spec", [QuantSpec("nvfp4", rounding="stochastic"), QuantSpec("fp8_e5m2"),
+                                  QuantSpec("nvfp4", rounding="stochastic", scale_rule="up"),
+                                  QuantSpec("nvfp4", tile=True, scale_rule="4over6")], ids=QuantSpec.short)
+def test_compiled_matches_reference_bit_for_bit(spec):
+    """The most involved specialisations: NVFP4 with stochastic rounding or four-over-six,
+    blocks along axis 0, and FP8's cast.
 
     Compiling takes a few seconds the first time (inductor caches it on disk);
     ``benchmarks/train_step.py`` checks every recipe's compiled training step too."""
     x = awkward((64, 64), seed=2)
-    spec = QuantSpec("nvfp4", rounding="stochastic")
     ref = reference_fake_quant(x, spec, 0, seed=5)
     assert same_bits(fake_quant_operand(x, spec, 0, seed=5, backend="compiled"), ref)
 
@@ -346,6 +359,9 @@ def test_autocast_bf16_runs_gemms_in_bf16_and_keeps_fp32_grads():
         (dict(scheme="nvfp4", hadamard=12), "hadamard"),
         (dict(scheme="mxfp4", tile=True), "tile"),
         (dict(scheme="nvfp4", scale_rule="ceil"), "scale_rule"),
+        (dict(scheme="mxfp4", scale_rule="4over6"), "scale_rule"),
+        (dict(scheme="e2m1_per_tensor", scale_rule="up"), "scale_rule"),
+        (dict(scheme="fp8_e4m3", rounding="stochastic"), "round-to-nearest"),
     ],
 )
 def test_quantspec_rejects_bad_fields(kwargs, words):
@@ -378,7 +394,8 @@ def test_fp4linear_rejects_sizes_and_token_counts_off_the_blocks():
 # ----------------------------------------------------------------------------
 # bfloat16 autocast: the same simulation as float32
 # ----------------------------------------------------------------------------
-BF16_FIDELITY_RECIPES = ("fp4_naive", "mxfp4", "nvfp4", "nvfp4_no_tiles", "nvfp4_no_sr", "nvfp4_no_rht")
+BF16_FIDELITY_RECIPES = ("fp4_naive", "mxfp4", "nvfp4", "nvfp4_no_tiles", "nvfp4_no_sr", "nvfp4_no_rht", "fp8",
+                         "nvfp4_4over6", "nvfp4_unbiased_sr")
 
 
 def _three_gemms(spec, autocast: bool):
@@ -416,7 +433,7 @@ def test_bf16_autocast_output_is_the_bf16_rounding_of_the_float32_path(name):
 
 def test_bf16_operands_of_every_quantized_role_are_exact():
     x = torch.randn(64, 128) * 3e-3
-    for name in ("fp4_naive", "mxfp4", "nvfp4"):
+    for name in ("fp4_naive", "mxfp4", "nvfp4", "fp8", "nvfp4_4over6", "nvfp4_unbiased_sr"):
         lin = get_recipe(name).linear
         for role, (_, axis, _) in ROLES.items():
             spec = getattr(lin, role)

@@ -1,5 +1,6 @@
 """Recipes: presets, ablations, and which layers apply_recipe swaps (fp4lib.recipes)."""
 
+import dataclasses
 import pytest
 import torch
 import torch.nn as nn
@@ -36,8 +37,9 @@ def fresh():
 
 @pytest.mark.parametrize(
     "recipe, blocks",
-    [("bf16", []), ("fp4_naive", [0, 1, 2, 3]), ("mxfp4", [0, 1, 2, 3]), ("nvfp4", [0, 1, 2]),
-     ("nvfp4_all_fp4", [0, 1, 2, 3]), ("nvfp4_hp_final", [0, 1, 2])],
+    [("bf16", []), ("fp8", [0, 1, 2]), ("fp4_naive", [0, 1, 2]), ("mxfp4", [0, 1, 2]), ("nvfp4", [0, 1, 2]),
+     ("nvfp4_all_fp4", [0, 1, 2, 3]), ("mxfp4_all_fp4", [0, 1, 2, 3]), ("fp4_naive_all_fp4", [0, 1, 2, 3]),
+     ("nvfp4_hp_final", [0, 1, 2]), ("nvfp4_4over6", [0, 1, 2])],
 )
 def test_recipes_swap_exactly_the_intended_linears(recipe, blocks):
     model = fresh()
@@ -87,8 +89,55 @@ def test_mxfp4_and_naive_presets():
     for r in ("dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x"):
         assert getattr(mx, r) == QuantSpec("mxfp4", rounding="stochastic", hadamard=32, scale_rule="ceil")
     naive = get_recipe("fp4_naive")
-    assert naive.hp_last_blocks == 0 and naive.linear.gemms_enabled() == ("fprop", "dgrad", "wgrad")
+    assert naive.linear.gemms_enabled() == ("fprop", "dgrad", "wgrad")
     assert get_recipe("bf16").linear is None and not get_recipe("bf16").quantized
+
+
+def test_every_quantized_main_recipe_keeps_the_same_layers_in_high_precision():
+    main = [get_recipe(n) for n in ("fp8", "nvfp4", "mxfp4", "fp4_naive")]
+    assert {(r.hp_first_blocks, r.hp_last_blocks, r.exclude) for r in main} == {(0, 1, ("lm_head",))}
+    for name in ("nvfp4", "mxfp4", "fp4_naive"):
+        all_fp4 = get_recipe(f"{name}_all_fp4")
+        assert all_fp4.hp_last_blocks == 0 and all_fp4.linear == get_recipe(name).linear
+
+
+def test_fp8_recipe_is_e4m3_forward_and_e5m2_gradients_with_current_scaling():
+    fp8 = get_recipe("fp8").linear
+    assert fp8.fprop_x == fp8.fprop_w == fp8.dgrad_w == fp8.wgrad_x == QuantSpec("fp8_e4m3")
+    assert fp8.dgrad_dy == fp8.wgrad_dy == QuantSpec("fp8_e5m2")
+    with pytest.raises(ValueError, match="round-to-nearest only"):
+        QuantSpec("fp8_e5m2", rounding="stochastic")
+
+
+def test_post_nvidia_ingredients_change_only_the_block_scale_rule():
+    base = get_recipe("nvfp4").linear
+    unbiased = get_recipe("nvfp4_unbiased_sr").linear
+    four_six = get_recipe("nvfp4_4over6").linear
+    roles = ("fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")
+    for role in roles:
+        b = getattr(base, role)
+        u = getattr(unbiased, role)
+        assert u == (dataclasses.replace(b, scale_rule="up") if b.rounding == "stochastic" else b), role
+        assert getattr(four_six, role) == dataclasses.replace(b, scale_rule="4over6"), role
+    with pytest.raises(ValueError, match="needs sr=True"):
+        nvfp4_recipe(sr=False, unbiased_sr=True)
+
+
+def test_hp_eval_evaluates_in_high_precision_and_trains_in_fp4():
+    from fp4lib.train import _hp_eval_loss
+
+    assert get_recipe("nvfp4_hp_eval").hp_eval and get_recipe("nvfp4_hp_eval").linear == get_recipe("nvfp4").linear
+    model = fresh()
+    apply_recipe(model, "nvfp4", backend="fused")
+    hp = fresh()
+    batch = (torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))
+    with torch.no_grad():
+        model.eval()
+        hp.eval()
+        assert torch.equal(_hp_eval_loss(model, batch), _hp_eval_loss(hp, batch))  # eval: quantization off
+        model.train()
+        assert not torch.equal(_hp_eval_loss(model, batch), _hp_eval_loss(hp, batch))  # training: FP4
+    assert all(m.quantize for m in model.modules() if hasattr(m, "quantize"))
 
 
 ABLATIONS = {  # preset name -> the one argument of nvfp4_recipe it changes
@@ -98,6 +147,8 @@ ABLATIONS = {  # preset name -> the one argument of nvfp4_recipe it changes
     "nvfp4_all_fp4": ("hp_blocks", dict(hp_last_blocks=0)),
     "nvfp4_fwd_only": ("backward", dict(backward=False)),
     "nvfp4_bwd_only": ("forward", dict(forward=False)),
+    "nvfp4_unbiased_sr": ("unbiased_sr", dict(unbiased_sr=True)),
+    "nvfp4_4over6": ("scale_rule", dict(scale_rule="4over6")),
 }
 
 
@@ -115,6 +166,8 @@ def test_each_ablation_is_one_argument_of_the_recipe_builder(name):
         "hp_blocks": [],
         "backward": ["dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x"],
         "forward": ["fprop_x", "fprop_w"],
+        "unbiased_sr": ["dgrad_dy", "wgrad_dy"],
+        "scale_rule": list(roles),
     }[ingredient]
     assert changed == expected
     assert (ab.hp_last_blocks == 0) == (ingredient == "hp_blocks")

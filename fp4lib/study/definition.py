@@ -1,8 +1,8 @@
 """The training study behind chapter 5: its runs.
 
 Each :class:`Run` trains the tiny GPT with one recipe, seed and length; :data:`STUDY`
-lists them, grouped into studies (``main``, ``ablation``, ``fwd_bwd``, ``length``,
-``underflow``, ``repro``; see :mod:`fp4lib.study`).
+lists them, grouped into the studies of :data:`STUDIES` and ``underflow`` and
+``repro`` (see :mod:`fp4lib.study`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
-__all__ = ["Run", "STUDY", "REPRO_RUN", "UNDERFLOW_MODULE"]
+__all__ = ["Run", "STUDY", "STUDIES", "REPRO_RUN", "UNDERFLOW_MODULE", "MAIN_RECIPES", "LONG_STEPS"]
 
 UNDERFLOW_MODULE = "transformer.h.{block}.attn.c_proj"
 
@@ -48,20 +48,39 @@ class Run:
         return d
 
 
+MAIN_RECIPES = ("bf16", "fp8", "nvfp4", "mxfp4", "fp4_naive")
+MAIN_SEEDS = (0, 1, 2, 3)
+VARIANT_SEEDS = (0, 1, 2)
+LONG_STEPS = 1600  # 4x the ci length
+LONG_SEEDS = (0, 1)
+STUDIES = {
+    "main": MAIN_RECIPES,
+    "all_fp4": ("nvfp4_all_fp4", "mxfp4_all_fp4", "fp4_naive_all_fp4"),
+    "ablation": ("nvfp4_no_sr", "nvfp4_no_rht", "nvfp4_no_tiles"),
+    "fwd_bwd": ("nvfp4_fwd_only", "nvfp4_bwd_only"),
+    "final_hp": ("nvfp4_hp_final", "nvfp4_hp_eval"),
+    "beyond": ("nvfp4_unbiased_sr", "nvfp4_4over6"),
+    "length": ("bf16", "nvfp4", "nvfp4_hp_final"),
+}
+"""Study -> its recipes. ``main``: the recipes side by side, every quantized one
+with the same high-precision layers (the last block); ``all_fp4``: every block
+quantized; ``ablation``: nvfp4 with one ingredient off; ``fwd_bwd``: FP4 in the
+forward or the backward GEMMs only; ``final_hp``: the last 10% of steps in high
+precision, and its control, FP4 training evaluated in high precision;
+``beyond``: two ingredients from after NVIDIA's recipe; ``length``: 4x longer runs."""
+
+
 def _study() -> List[Run]:
     runs: List[Run] = []
-    # Two seeds of each main recipe, three ablations and the forward/backward split:
-    # about 60 minutes of the 2-core CI machine with two runs side by side. The
-    # gap-over-length study reads the validation curves of the main runs and adds
-    # NVIDIA's remedy (the last 10% of steps in high precision) at the same length.
-    seeds = {"bf16": (0, 1), "fp4_naive": (0, 1), "mxfp4": (0, 1), "nvfp4": (0, 1)}
-    for recipe, ss in seeds.items():
-        runs += [Run(f"{recipe}_s{s}", recipe, seed=s) for s in ss]
-    for recipe in ("nvfp4_all_fp4", "nvfp4_no_sr", "nvfp4_no_rht"):
-        runs.append(Run(f"{recipe}_s0", recipe, study="ablation"))
-    for recipe in ("nvfp4_fwd_only", "nvfp4_bwd_only"):
-        runs.append(Run(f"{recipe}_s0", recipe, study="fwd_bwd"))
-    runs.append(Run("nvfp4_hp_final_s0", "nvfp4_hp_final", study="length"))
+    # The main recipes with four seeds, every variant with three, the long runs with
+    # two: many hours on the 2-core CPU, with two runs side by side (`make experiments`).
+    for study, recipes in STUDIES.items():
+        if study == "length":
+            continue
+        seeds = MAIN_SEEDS if study == "main" else VARIANT_SEEDS
+        runs += [Run(f"{recipe}_s{s}", recipe, seed=s, study=study) for recipe in recipes for s in seeds]
+    runs += [Run(f"{recipe}_long_s{s}", recipe, seed=s, steps=LONG_STEPS, study="length")
+             for recipe in STUDIES["length"] for s in LONG_SEEDS]
     runs.append(Run("underflow_bf16_s0", "bf16", study="underflow", capture_steps=(1, 50, 100, 200, 400)))
     # The re-run check's run: 60 steps go past the 40 warm-up steps into the cosine
     # schedule, and the last 6 run in high precision (the final stretch's switch).
