@@ -163,18 +163,26 @@ def test_check_fails_on_stale_or_changed_results(tiny_study, capsys):
 
 
 def test_summary_and_targets():
-    def rec(recipe, seed, loss):
-        return {"definition": {"recipe": recipe, "seed": seed, "study": "main", "steps": 400}, "final_val_loss": loss}
+    def rec(recipe, seed, loss, study="main"):
+        return {"definition": {"recipe": recipe, "seed": seed, "study": study, "steps": 400}, "final_val_loss": loss}
 
-    results = {f"{r}_{s}": rec(r, s, v) for r, vals in
-               {"bf16": (2.0, 2.02), "nvfp4": (2.04, 2.05), "mxfp4": (2.09, 2.1), "fp4_naive": (3.0, 3.1)}.items()
-               for s, v in enumerate(vals)}
+    main = {"bf16": (2.0, 2.02, 2.01, 2.03), "fp8": (2.004, 2.026, 2.012, 2.036), "nvfp4": (2.04, 2.05, 2.05, 2.07),
+            "mxfp4": (2.09, 2.1, 2.11, 2.12), "fp4_naive": (3.0, 3.1, 3.05, 3.02)}
+    results = {f"{r}_{s}": rec(r, s, v) for r, vals in main.items() for s, v in enumerate(vals)}
     rows = {r["recipe"]: r for r in ex.summary(results)}
-    assert rows["nvfp4"]["gap_pct"] == pytest.approx([2.0, 100 * (2.05 / 2.02 - 1)])
-    assert rows["bf16"]["sd"] == pytest.approx(0.01414, abs=1e-4)
-    assert all(ex.check_targets(results).values())
-    results["nvfp4_0"]["final_val_loss"] = 2.2
-    assert not ex.check_targets(results)["nvfp4_within_4pct"]
+    assert rows["nvfp4"]["gap_pct"][:2] == pytest.approx([2.0, 100 * (2.05 / 2.02 - 1)])
+    assert rows["bf16"]["sd"] == pytest.approx(0.01291, abs=1e-4)
+    targets = {t.name: t for t in ex.check_targets(results)}
+    assert all(t.met for name, t in targets.items() if "ingredient" not in name), targets
+    assert targets["at least one ingredient resolved against nvfp4"].met is None  # no variant runs
+    results.update({f"nvfp4_no_sr_{s}": rec("nvfp4_no_sr", s, v, "ablation") for s, v in enumerate((2.0, 2.01, 2.0))})
+    assert "nvfp4_no_sr" in {t.name: t for t in ex.check_targets(results)}[
+        "at least one ingredient resolved against nvfp4"].detail
+    results["nvfp4_0"]["final_val_loss"] = 2.3  # one seed far off: the ordering is no longer resolved
+    targets = {t.name: t for t in ex.check_targets(results)}
+    assert not targets["ordering bf16 <= fp8 < nvfp4 < mxfp4 < naive"].met
+    del results["fp8_0"], results["fp8_1"], results["fp8_2"], results["fp8_3"]
+    assert {t.name: t for t in ex.check_targets(results)}["fp8 within 1% of bf16 and below nvfp4"].met is None
 
 
 def test_unknown_run_is_a_clear_error(capsys):

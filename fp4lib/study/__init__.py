@@ -3,7 +3,7 @@
 ::
 
     python -m fp4lib.study list                  # the runs and whether their results are fresh
-    python -m fp4lib.study run                   # every run (about an hour on the 2-core CPU)
+    python -m fp4lib.study run                   # every run (hours on the 2-core CPU)
     python -m fp4lib.study run --only nvfp4_s0   # some runs
     python -m fp4lib.study run --stale           # only missing or stale results
     python -m fp4lib.study check                 # used by `make test`
@@ -37,17 +37,22 @@ in one of two modes, and says which:
 experiments`` stores the ATen kernel sets ``default`` and ``avx2`` besides the
 machine's own).
 
-The studies:
+The studies (:data:`~fp4lib.study.definition.STUDIES`), all at the ci size:
 
-* ``main`` -- bf16, fp4_naive, mxfp4, nvfp4 at the ci size, 400 steps, seeds 0 and 1;
-* ``ablation`` -- nvfp4 with one ingredient off (high-precision last block,
-  stochastic rounding, random Hadamard); the tiles ablation is a recipe
-  (``nvfp4_no_tiles``) but not part of the stored study;
+* ``main`` -- bf16, fp8, nvfp4, mxfp4 and fp4_naive, 400 steps, seeds 0 to 3; every
+  quantized recipe keeps the same layers in high precision (the last block);
+* ``all_fp4`` -- nvfp4, mxfp4 and fp4_naive with every block quantized;
+* ``ablation`` -- nvfp4 with one ingredient off: stochastic rounding, the random
+  Hadamard transform, the 16x16 weight tiles;
 * ``fwd_bwd`` -- where the gap comes from: FP4 in the forward GEMM only, or in the
   backward GEMMs only;
-* ``length`` -- nvfp4 with the last 10% of its 400 steps in high precision
-  (NVIDIA's remedy); how the gap grows is read from the main runs' validation
-  curves;
+* ``final_hp`` -- nvfp4 with the last 10% of its steps in high precision (NVIDIA's
+  remedy), and its control: nvfp4 trained in FP4 throughout and evaluated in high
+  precision;
+* ``beyond`` -- two ingredients from after NVIDIA's recipe: block scales rounded up
+  so that stochastic rounding is unbiased at block maxima, and four-over-six;
+* each of these with seeds 0 to 2;
+* ``length`` -- bf16, nvfp4 and nvfp4_hp_final at 1,600 steps (4x), seeds 0 and 1;
 * ``underflow`` -- why naive fails: a bf16 run that captures the attention
   output-projection gradient dY at a few steps and measures the fraction of its
   entries that per-tensor and per-block FP4 scales send to zero;
@@ -67,8 +72,10 @@ from .check import TOLERANCE_FACTOR, compare_losses, load_results, rerun_verdict
 from .definition import REPRO_RUN, STUDY, Run  # noqa: E402
 from .provenance import CODE_FILES, code_hash, machine_info, numeric_fingerprint  # noqa: E402
 from .runner import run_experiment  # noqa: E402
-from .stats import Paired, check_targets, paired_difference, seeds_needed, summary, t_quantile, val_gap_curve  # noqa: E402
+from .stats import (INGREDIENT_STUDIES, Paired, Target, check_targets, paired_difference, paired_gap,  # noqa: E402
+                    recipe_losses, seeds_needed, summary, t_quantile, val_gap_curve)
 
 __all__ = ["DEFAULT_RESULTS", "DEFAULT_RUNS", "Run", "STUDY", "REPRO_RUN", "CODE_FILES", "code_hash",
            "numeric_fingerprint", "machine_info", "run_experiment", "load_results", "stale_results",
-           "compare_losses", "tolerance_band", "rerun_verdict", "TOLERANCE_FACTOR", "summary", "val_gap_curve", "check_targets", "Paired", "paired_difference", "seeds_needed", "t_quantile"]
+           "compare_losses", "tolerance_band", "rerun_verdict", "TOLERANCE_FACTOR", "summary", "val_gap_curve", "check_targets", "Target", "INGREDIENT_STUDIES", "recipe_losses", "paired_gap", "Paired",
+           "paired_difference", "seeds_needed", "t_quantile"]
