@@ -20,17 +20,18 @@ per-operand integers through :func:`mix_seed`.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
 from .hadamard import hadamard_along, hadamard_signs
 from .kernels import compile_works, compiled_fake_quant, fake_quant_fused
 from .rounding import cheap_uniform, seed_term
-from .scaling import fake_quantize
+from .scaling import FP8_SCHEMES, PER_TENSOR, fake_quantize
 from .specs import QuantSpec
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "mix_seed", "reference_fake_quant_factored", "reference_fake_quant",
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "mix_seed", "tensor_amax_reduction", "PER_TENSOR_SCALED", "reference_fake_quant_factored", "reference_fake_quant",
            "resolve_backend", "fake_quant_factored", "fake_quant_operand", "quantize_gemm_pair", "scaled_gemm"]
 
 BACKENDS = ("reference", "fused", "compiled")
@@ -39,6 +40,34 @@ _MASK64 = (1 << 64) - 1
 _SEED_BITS = 31
 
 Factored = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+PER_TENSOR_SCALED = ("nvfp4", PER_TENSOR) + tuple(FP8_SCHEMES)
+"""Schemes with a per-tensor scale computed from the operand's amax."""
+
+_AMAX_REDUCERS: List[Callable[[torch.Tensor], torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def tensor_amax_reduction(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, every operand with a per-tensor scale (:data:`PER_TENSOR_SCALED`)
+    takes that scale from ``reduce(amax)`` instead of its own amax.
+
+    Under data parallelism ``reduce`` is an all-reduce of the maximum over the
+    ranks (as Transformer Engine's amax reduction group), so that all ranks
+    quantize an operand with one per-tensor scale. Forward and backward must both
+    run inside the block, in the same order on every rank.
+    """
+    _AMAX_REDUCERS.append(reduce)
+    try:
+        yield
+    finally:
+        _AMAX_REDUCERS.pop()
+
+
+def _group_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
+    if not _AMAX_REDUCERS or spec.scheme not in PER_TENSOR_SCALED:
+        return None
+    return _AMAX_REDUCERS[-1](x.detach().abs().amax().float())
 
 
 def mix_seed(*values: int) -> int:
@@ -61,13 +90,15 @@ def mix_seed(*values: int) -> int:
     return h >> (64 - _SEED_BITS)
 
 
-def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0) -> Factored:
+def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0,
+                                  tensor_amax: Optional[torch.Tensor] = None) -> Factored:
     """The slow, obviously-correct fake quantization of one 2-D GEMM operand, factored.
 
     ``x``: float32 ``(rows, cols)``; ``axis``: 0 or 1, the axis the blocks run
     along (ignored for per-tensor and tiles); ``seed``: stochastic rounding draws
-    ``cheap_uniform((rows, cols), seed)[i, j]`` for element ``(i, j)``. The
-    Hadamard transform is applied by the caller.
+    ``cheap_uniform((rows, cols), seed)[i, j]`` for element ``(i, j)``;
+    ``tensor_amax``: a group's amax for the per-tensor scale. The Hadamard
+    transform is applied by the caller.
 
     Returns ``(values, tensor_scale)`` as :func:`fp4lib.fake_quantize` with
     ``factored=True`` gives them (``(x, None)`` for ``scheme="none"``). A NaN or
@@ -88,6 +119,8 @@ def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, s
     kwargs = {"tile": True} if spec.tile else {"axis": axis}
     if spec.scale_rule is not None:
         kwargs["scale_rule"] = spec.scale_rule
+    if tensor_amax is not None:
+        kwargs["tensor_amax"] = tensor_amax
     if spec.rounding == "stochastic":
         kwargs.update(rounding="stochastic", uniforms=cheap_uniform(x.shape, seed, device=x.device))
     return fake_quantize(x, spec.scheme, factored=True, backend="reference", **kwargs)
@@ -130,11 +163,12 @@ def fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int =
     if not spec.enabled:
         return x, None
     backend = resolve_backend(backend)
+    amax = _group_amax(x, spec)
     if backend == "reference":
-        return reference_fake_quant_factored(x, spec, axis, seed)
+        return reference_fake_quant_factored(x, spec, axis, seed, amax)
     fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
     seed_t = seed_term(seed).to(x.device, non_blocking=True)
-    return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule)
+    return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule, amax)
 
 
 def fake_quant_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0, backend: str = "fused") -> torch.Tensor:

@@ -358,16 +358,20 @@ def _operand_blocks(x: torch.Tensor, axis: int, block: int, tile: bool):
     return x.view(rows // block, block, cols), (1,)
 
 
-def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str):
+def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str, tensor_amax=None):
     """Stage 1 (reductions): ``(enc, dec_block, dec_tensor, finite)`` for :func:`_stage_apply`.
 
     Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). FP8: the
     tensor's ``s_enc`` and ``s_dec``. MXFP4: ``2^-e`` and ``2^e`` per block. NVFP4:
-    ``s_enc_b``, ``s_dec_b`` per block (under ``scale_rule``) and the tensor's ``s_dec``. Block tensors have the block view's shape with the
+    ``s_enc_b``, ``s_dec_b`` per block (under ``scale_rule``) and the tensor's ``s_dec``.
+    ``tensor_amax``: a group's amax for the per-tensor scale instead of x's own. Block tensors have the block view's shape with the
     reduced axes kept as size 1. ``finite``: 0-d bool, False when x holds NaN/Inf.
     """
     amax = x.abs().amax()
     finite = torch.isfinite(amax)
+    if tensor_amax is not None:
+        amax = tensor_amax
+        finite = finite & torch.isfinite(amax)
     if scheme == PER_TENSOR:
         scale = e2m1_tensor_scale(amax)
         return scale, scale, None, finite
@@ -422,6 +426,7 @@ def fake_quant_fused(
     rounding: str,
     tile: bool = False,
     scale_rule: Optional[str] = None,
+    tensor_amax: Optional[torch.Tensor] = None,
     *,
     stages=None,
 ):
@@ -443,6 +448,9 @@ def fake_quant_fused(
     tile, scale_rule:
         NVFP4 16x16 tiles; the scale rule (:func:`fp4lib.scaling.resolve_scale_rule`):
         MXFP4 ``"floor"`` or ``"ceil"``, NVFP4 ``"nearest"``, ``"up"`` or ``"4over6"``.
+    tensor_amax:
+        0-d float32: the amax the per-tensor scale is computed from instead of x's
+        own (a group's, under data parallelism; see :func:`fp4lib.quantize`).
     stages:
         ``(scales_fn, apply_fn)`` to run instead of the two eager stages (the
         compiled ones, see :func:`compiled_fake_quant`).
@@ -469,7 +477,7 @@ def fake_quant_fused(
         raise ValueError(f"x has {x.numel()} elements; the fused path indexes them with int32 (< 2**31)")
     scale_rule = resolve_scale_rule(scheme, scale_rule)
     scales_fn, apply_fn = stages or (_stage_scales, _stage_apply)
-    enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule)
+    enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule, tensor_amax)
     return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
 
 
@@ -485,11 +493,11 @@ class _CompiledFakeQuant:
         stages = (torch.compile(_stage_scales, dynamic=False), torch.compile(_stage_apply, dynamic=False))
         self.kernel = VerifiedCompiled(fake_quant_fused, functools.partial(fake_quant_fused, stages=stages))
 
-    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None):
-        key = (scheme, axis, rounding, tile, scale_rule, tuple(x.shape), x.device.type)
+    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None):
+        key = (scheme, axis, rounding, tile, scale_rule, tensor_amax is not None, tuple(x.shape), x.device.type)
         label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
                  f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type})")
-        return self.kernel.call(key, label, x, seed_t, scheme, axis, rounding, tile, scale_rule)
+        return self.kernel.call(key, label, x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax)
 
 
 @functools.lru_cache(maxsize=None)

@@ -643,12 +643,14 @@ def fp8_tensor_scale(amax: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, tor
     return _current_scale(amax, FP8_SCHEMES[scheme][1])
 
 
-def fp8_fake_quantize(x: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def fp8_fake_quantize(x: torch.Tensor, scheme: str, tensor_amax: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """FP8 with one scale per tensor, round-to-nearest-even: ``(values, s_dec)``.
 
     ``values``: float32 FP8 numbers (``x * s_enc`` cast to the FP8 dtype), so that
     ``values * s_dec`` is the dequantized tensor; the tensor's maximum maps to the
-    format's largest value (448 for E4M3, 57344 for E5M2).
+    format's largest value (448 for E4M3, 57344 for E5M2). ``tensor_amax``: a
+    group's amax to scale by instead (see :func:`quantize`).
 
     Examples
     --------
@@ -660,7 +662,7 @@ def fp8_fake_quantize(x: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch
     if scheme not in FP8_SCHEMES:
         raise ValueError(f"scheme must be one of {tuple(FP8_SCHEMES)}, got {scheme!r}")
     x32 = x.float()
-    s_enc, s_dec = fp8_tensor_scale(x32.abs().amax(), scheme)
+    s_enc, s_dec = fp8_tensor_scale(x32.abs().amax() if tensor_amax is None else tensor_amax, scheme)
     return (x32 * s_enc).to(FP8_SCHEMES[scheme][0]).to(torch.float32), s_dec
 
 
@@ -716,9 +718,9 @@ def _e2m1_nearest(v: torch.Tensor) -> torch.Tensor:
     return E2M1.decode(E2M1.encode(v))
 
 
-def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool, scale_rule: str):
+def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool, scale_rule: str, amax):
     four_six = scale_rule == "4over6"
-    s_enc, s_dec = nvfp4_tensor_scale(x32.abs().max(), NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
+    s_enc, s_dec = nvfp4_tensor_scale(amax, NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
     blocks = _block_view(x32, NVFP4_BLOCK_SIZE, tile)
     amax_b = blocks.abs().amax(dim=-1)
     if four_six:
@@ -730,8 +732,8 @@ def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bo
     return codes, s_dec_b.to(torch.float8_e4m3fn), s_dec
 
 
-def _per_tensor_codes(x32: torch.Tensor, rounding: str, generator, uniforms):
-    scale = e2m1_tensor_scale(x32.abs().max())
+def _per_tensor_codes(x32: torch.Tensor, rounding: str, generator, uniforms, amax):
+    scale = e2m1_tensor_scale(amax)
     return E2M1.encode(x32 / scale, rounding, generator, uniforms), scale
 
 
@@ -768,6 +770,7 @@ def quantize(
     tile: bool = False,
     nonfinite: str = "raise",
     backend: str = "auto",
+    tensor_amax: Optional[torch.Tensor] = None,
 ) -> QuantizedTensor:
     """Quantize ``x`` to 4 bits with block scaling.
 
@@ -812,6 +815,11 @@ def quantize(
         ``"raise"`` (default): NaN/Inf raise ``ValueError`` naming the count and
         first index. ``"zero"``: they are quantized as 0 (counted in
         ``nonfinite_count``), so they neither poison their block nor its scale.
+    tensor_amax:
+        NVFP4 and the per-tensor scheme: the amax their per-tensor scale is
+        computed from, instead of the tensor's own (a 0-d tensor, at least the
+        tensor's own amax): under data parallelism, the maximum over a group of
+        ranks, so that every rank quantizes with the same per-tensor scale.
     backend:
         ``"auto"`` (default): the compiled kernels of :mod:`fp4lib.kernels` for
         tensors of at least :data:`FAST_MIN_NUMEL` elements where they apply
@@ -840,6 +848,8 @@ def quantize(
     if double_quant and scheme not in _BNB_SCHEMES:
         raise ValueError(f"double_quant applies to 'bnb_fp4' and 'nf4' only, not {scheme!r}")
     scale_rule = resolve_scale_rule(scheme, scale_rule)
+    if tensor_amax is not None and scheme not in ("nvfp4", PER_TENSOR):
+        raise ValueError(f"tensor_amax sets a per-tensor scale: it applies to 'nvfp4' and {PER_TENSOR!r}, not {scheme!r}")
     if tile and scheme != "nvfp4":
         raise ValueError(f"tile applies to 'nvfp4' only, not {scheme!r}")
     if uniforms is not None:
@@ -860,7 +870,12 @@ def quantize(
             )
 
     x32 = x.contiguous().float()
-    if _use_fast_path(backend, x32, scheme, rounding, double_quant, nonfinite):
+    if tensor_amax is not None:
+        tensor_amax = torch.as_tensor(tensor_amax, dtype=torch.float32, device=x32.device).reshape(())
+        if bool(tensor_amax < x32.abs().max()):
+            raise ValueError(f"tensor_amax {float(tensor_amax)} is below the tensor's own amax "
+                             f"{float(x32.abs().max())}; it must be a maximum over a group that includes it")
+    if tensor_amax is None and _use_fast_path(backend, x32, scheme, rounding, double_quant, nonfinite):
         from .kernels import quantize_packed
 
         q = quantize_packed(x32, scheme, block_size=bs, scale_rule=scale_rule, tile=tile, dtype=x.dtype)
@@ -879,12 +894,14 @@ def quantize(
             return QuantizedTensor(packed=packed, scale=nested.codes, nested=nested, **common)
         return QuantizedTensor(packed=packed, scale=absmax, **common)
     if scheme == PER_TENSOR:
-        codes, scale = _per_tensor_codes(x32, rounding, generator, uniforms)
+        amax = x32.abs().max() if tensor_amax is None else tensor_amax
+        codes, scale = _per_tensor_codes(x32, rounding, generator, uniforms, amax)
         return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=scale, **common)
     if scheme == "mxfp4":
         codes, scale, clip = _mx_codes(x32, rounding, generator, uniforms, scale_rule)
         return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=scale, clip_fraction=clip, **common)
-    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile, scale_rule)
+    amax = x32.abs().max() if tensor_amax is None else tensor_amax
+    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile, scale_rule, amax)
     return QuantizedTensor(packed=pack_nibbles(codes, "low_first"), scale=s_dec_b, global_scale=s_dec, tile=tile,
                            **common)
 
@@ -920,10 +937,10 @@ def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, factored: boo
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if scheme in FP8_SCHEMES:  # one scale per tensor: the axis does not matter
-        extra = set(kwargs) - {"backend"}
+        extra = set(kwargs) - {"backend", "tensor_amax"}
         if extra:
             raise ValueError(f"{scheme} is round-to-nearest with one scale per tensor; it takes no {sorted(extra)}")
-        values, s_dec = fp8_fake_quantize(x, scheme)
+        values, s_dec = fp8_fake_quantize(x, scheme, kwargs.get("tensor_amax"))
         return (values, s_dec) if factored else (values * s_dec).to(x.dtype)
     moved = x
     if axis not in (-1, x.dim() - 1):

@@ -14,6 +14,8 @@ import torch
 
 from fp4lib import fake_quantize, quantize
 from fp4lib.constants import E4M3_MAX
+from fp4lib.fake_quant import fake_quant_factored, reference_fake_quant_factored, tensor_amax_reduction
+from fp4lib.specs import QuantSpec
 from fp4lib.scaling import e4m3_round_up, fp8_fake_quantize, nvfp4_tensor_scale
 
 E4M3_VALUES = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every finite, >= 0
@@ -124,3 +126,23 @@ def test_scale_rules_are_checked_per_scheme():
         else:
             with pytest.raises(ValueError, match="scale_rule"):
                 quantize(x, scheme, scale_rule=bad)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("nvfp4", rounding="stochastic"), QuantSpec("e2m1_per_tensor"),
+                                  QuantSpec("fp8_e5m2"), QuantSpec("mxfp4")], ids=QuantSpec.short)
+def test_a_group_amax_sets_the_per_tensor_scale_on_every_path(spec):
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(6))
+    group = x.abs().amax() * 3  # as if another rank held a larger value
+    with tensor_amax_reduction(lambda amax: torch.maximum(amax, group)):
+        ref = reference_fake_quant_factored(x, spec, 1, seed=2, tensor_amax=_expected_amax(x, spec, group))
+        for backend in ("reference", "fused"):
+            values, scale = fake_quant_factored(x, spec, 1, seed=2, backend=backend)
+            assert torch.equal(values, ref[0]) and (scale is None or torch.equal(scale, ref[1])), backend
+    own = fake_quant_factored(x, spec, 1, seed=2, backend="fused")
+    assert torch.equal(own[0], ref[0]) == (spec.scheme == "mxfp4")  # MXFP4 has no per-tensor scale
+    with pytest.raises(ValueError, match="below the tensor's own amax"):
+        quantize(x, "nvfp4", tensor_amax=x.abs().amax() / 2)
+
+
+def _expected_amax(x, spec, group):
+    return group if spec.scheme != "mxfp4" else None

@@ -40,7 +40,7 @@ def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str
 
 def _current_corpus_sha(preset: str) -> str:
     from ..data import load_corpus
-    from ..train import PRESETS
+    from ..training import PRESETS
 
     return load_corpus(None, PRESETS[preset].corpus_bytes).sha256
 

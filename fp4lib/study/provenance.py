@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the fp4lib package, whose c
 
 CODE_FILES = (
     "constants.py", "formats.py", "rounding.py", "scaling.py", "hadamard.py", "packing.py", "kernels.py",
-    "specs.py", "fake_quant.py", "nn.py", "recipes.py", "model.py", "data.py", "trainer.py", "train.py",
+    "specs.py", "fake_quant.py", "nn.py", "recipes.py", "model.py", "data.py", "trainer.py", "training.py",
     "diagnostics.py", "study/runner.py:run_experiment",
 )
 """The code of ``fp4lib`` that decides a run's stored numbers: whole modules, and

@@ -26,14 +26,14 @@ def run_experiment(run: Run, results_dir: Path, runs_dir: Path, backend: str = "
     ``code_hash_value``: the :func:`code_hash` of the code that runs (default:
     computed now, before training).
     """
-    from ..train import PRESETS, run_training
+    from ..training import PRESETS, run_training
 
     code_hash_value = code_hash_value or code_hash()
 
     captured: Dict[str, dict] = {}
     hooks = []
     if run.capture_steps:
-        from ..train import build_run
+        from ..training import build_run
 
         from ..diagnostics import underflow_capture_hook
 
