@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp4lib import train
+from fp4lib import train, training
 from fp4lib.trainer import TrainingDiverged
 
 
@@ -109,6 +109,6 @@ def test_divergence_exits_nonzero_naming_the_step(tmp_path, capsys, monkeypatch)
         raise TrainingDiverged("training diverged at step 7: the loss is not finite (loss nan)", step=7,
                                loss=float("nan"))
 
-    monkeypatch.setattr(train.Trainer, "train", diverge)
+    monkeypatch.setattr(training.Trainer, "train", diverge)
     code, stdout, err = run_main(capsys, "--steps", "9", "--out", str(tmp_path), *FAST)
     assert code == 1 and "diverged at step 7" in err and "final val_loss" not in stdout

@@ -114,8 +114,9 @@ def test_reference_nearest_is_the_core_fake_quantize(spec, axis):
         assert torch.all((ref - x).abs() == nearest)  # and the nearest point of it
     elif spec.scheme.startswith("fp8"):
         dtype, fmax = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8_e5m2, 57344.0)}[spec.scheme]
-        s = x.abs().max() / fmax  # one scale: amax / fmax
-        assert same_bits(ref, (x * (fmax / x.abs().max())).to(dtype).float() * (1 / (fmax / x.abs().max())))
+        s_enc = torch.full((), fmax) / x.abs().max()  # one scale: fmax / amax (a true float32 division)
+        s = 1.0 / s_enc
+        assert same_bits(ref, (x * s_enc).to(dtype).float() * s)
         assert ((ref - x).abs() <= x.abs() * 2.0 ** -(4 if dtype == torch.float8_e4m3fn else 3) + s * 2.0**-9).all()
     else:
         kw = {"tile": True} if spec.tile else {}

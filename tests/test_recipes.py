@@ -124,7 +124,7 @@ def test_post_nvidia_ingredients_change_only_the_block_scale_rule():
 
 
 def test_hp_eval_evaluates_in_high_precision_and_trains_in_fp4():
-    from fp4lib.train import _hp_eval_loss
+    from fp4lib.training import _hp_eval_loss
 
     assert get_recipe("nvfp4_hp_eval").hp_eval and get_recipe("nvfp4_hp_eval").linear == get_recipe("nvfp4").linear
     model = fresh()
