@@ -146,13 +146,17 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
                  out: Optional[str] = None, resume: bool = False, corpus: Optional[str] = None,
                  backend: str = "auto", hp_final_fraction: Optional[float] = None, device: str = "auto",
                  eval_every: Optional[int] = None, progress: bool = True, hooks: Sequence[Callable] = (),
-                 log: Callable[[str], None] = lambda s: None) -> TrainResult:
+                 log: Callable[[str], None] = lambda s: None,
+                 trainer_factory: Callable[..., Trainer] = Trainer) -> TrainResult:
     """Build the model for ``preset``, apply ``recipe`` and train; the CLI's engine.
 
     ``steps``: default the preset's. ``out``: directory for ``metrics.jsonl`` and
     ``ckpt.pt`` (``None``: write nothing; ``resume`` needs it).
     ``hp_final_fraction`` overrides the recipe's final high-precision stretch.
-    ``log`` receives the human-readable summary lines.
+    ``log`` receives the human-readable summary lines. ``trainer_factory``: called
+    like :class:`~fp4lib.trainer.Trainer` (model, data, config, ``loss_fn``,
+    ``hooks``, ``run_info``) to make the trainer; the data-parallel one under
+    ``torchrun`` comes from :mod:`fp4lib.distributed`.
     """
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -180,8 +184,8 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
             if key in stored and stored[key] != info[key]:
                 raise ValueError(f"resume: the checkpoint in {out} was made with {key}={stored[key]!r}, "
                                  f"not {info[key]!r}")
-    trainer = Trainer(model, train, val, cfg, loss_fn=_hp_eval_loss if rec.hp_eval else default_loss,
-                      hooks=all_hooks, run_info=info)
+    trainer = trainer_factory(model, train, val, cfg, loss_fn=_hp_eval_loss if rec.hp_eval else default_loss,
+                              hooks=all_hooks, run_info=info)
     m = PRESETS[preset].model
     log(f"recipe {rec.name}: {rec.description}")
     log(f"model: {info['n_params'] / 1e6:.2f}M parameters (d={m.n_embd}, {m.n_layer} layers, {m.n_head} heads, "
