@@ -4,6 +4,7 @@ estimate, and gap curves."""
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ def _t_cdf(t: float, df: int) -> float:
     return 0.5 + total * h / 3
 
 
+@functools.lru_cache(maxsize=4096)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``p`` in (0.5, 1)).
 
@@ -101,7 +103,7 @@ def t_quantile(p: float, df: int) -> float:
     lo, hi = 0.0, 1.0
     while _t_cdf(hi, df) < p:
         hi *= 2
-    for _ in range(60):
+    for _ in range(45):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2
@@ -179,7 +181,17 @@ def seeds_needed(effect: float, sd: float, level: float = 0.95, power: float = 0
         return 2
     if effect == 0:
         return max_seeds
-    for n in range(2, max_seeds + 1):
-        if (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n) <= abs(effect):
-            return n
-    return max_seeds
+
+    def resolves(n: int) -> bool:
+        return (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n) <= abs(effect)
+
+    # The left side shrinks as n grows: double until it resolves, then bisect.
+    lo, hi = 1, 2
+    while not resolves(hi):
+        if hi >= max_seeds:
+            return max_seeds
+        lo, hi = hi, min(2 * hi, max_seeds)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if resolves(mid) else (mid, hi)
+    return hi
