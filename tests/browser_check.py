@@ -9,7 +9,7 @@ and a heading; that every image in the article has loaded (``naturalWidth > 0``)
 a non-empty file; that each chapter notebook shows at least as many figures as its
 stored outputs hold (and at least one); that no traceback, error or stderr output
 appears; and that each chapter's Colab launch link points at the chapter's own
-``.ipynb``. Math must be typeset: every math node of the page holds MathJax's rendered
+``.ipynb`` in the repository and branch that _config.yml configures. Math must be typeset: every math node of the page holds MathJax's rendered
 output and no raw TeX delimiters remain in the text. Nothing may load from another
 host: every script, stylesheet and other resource the page fetched (as the browser's
 resource timing lists them) comes from the build itself. It prints one line per page and exits non-zero if any check fails. With
@@ -45,6 +45,17 @@ ERROR_SELECTORS = [
     ".system-message",  # docutils errors rendered into the page
 ]
 ERROR_TEXT = ("Traceback (most recent call last)", "Error in callback", "ModuleNotFoundError")
+
+
+def colab_url(page: str) -> str:
+    """The Colab link a chapter's launch button must carry: the chapter's ``.ipynb`` in the
+    repository and branch configured in _config.yml."""
+    import yaml
+
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    owner_repo = urlparse(repo["url"]).path.strip("/")
+    book = repo.get("path_to_book", "").strip("/")
+    return f"{COLAB_PREFIX}{owner_repo}/blob/{repo['branch']}/{book + '/' if book else ''}{page}.ipynb"
 
 
 def toc_pages() -> list[str]:
@@ -235,11 +246,11 @@ def check_page(driver, html_dir: Path, page: str, is_index: bool = False) -> tup
         f"return Array.from(document.querySelectorAll('a[href^=\"{COLAB_PREFIX}\"]')).map(a => a.href);"
     )
     if expected is not None:
-        want = f"/{page}.ipynb"
+        want = colab_url(page)
         if not colab:
             problems.append("no Colab launch link")
-        elif not all(href.endswith(want) for href in colab):
-            problems.append(f"Colab link {colab[0]} does not end with {want}")
+        elif not all(href == want for href in colab):
+            problems.append(f"Colab link {colab[0]} is not {want}")
     summary = (
         f"title={title[:40]!r} images={len(images)} math={formulas}"
         + (f" (notebook figures {expected})" if expected is not None else "")
