@@ -9,7 +9,10 @@ and a heading; that every image in the article has loaded (``naturalWidth > 0``)
 a non-empty file; that each chapter notebook shows at least as many figures as its
 stored outputs hold (and at least one); that no traceback, error or stderr output
 appears; and that each chapter's Colab launch link points at the chapter's own
-``.ipynb``. It prints one line per page and exits non-zero if any check fails. With
+``.ipynb`` in the repository and branch that _config.yml configures. Math must be typeset: every math node of the page holds MathJax's rendered
+output and no raw TeX delimiters remain in the text. Nothing may load from another
+host: every script, stylesheet and other resource the page fetched (as the browser's
+resource timing lists them) comes from the build itself. It prints one line per page and exits non-zero if any check fails. With
 ``--screenshots DIR`` it saves a full-page PNG of every page there, for a human look.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium
@@ -42,6 +45,17 @@ ERROR_SELECTORS = [
     ".system-message",  # docutils errors rendered into the page
 ]
 ERROR_TEXT = ("Traceback (most recent call last)", "Error in callback", "ModuleNotFoundError")
+
+
+def colab_url(page: str) -> str:
+    """The Colab link a chapter's launch button must carry: the chapter's ``.ipynb`` in the
+    repository and branch configured in _config.yml."""
+    import yaml
+
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    owner_repo = urlparse(repo["url"]).path.strip("/")
+    book = repo.get("path_to_book", "").strip("/")
+    return f"{COLAB_PREFIX}{owner_repo}/blob/{repo['branch']}/{book + '/' if book else ''}{page}.ipynb"
 
 
 def toc_pages() -> list[str]:
@@ -110,6 +124,63 @@ def wait_for_images(driver, timeout: float = 30.0) -> None:
     )
 
 
+_WAIT_FOR_MATHJAX = """
+const done = arguments[arguments.length - 1];
+const start = Date.now();
+(function poll() {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    MathJax.startup.promise.then(() => done('ok'), e => done('MathJax failed: ' + e));
+  } else if (Date.now() - start > 30000) {
+    done('MathJax did not load');
+  } else {
+    setTimeout(poll, 100);
+  }
+})();
+"""
+RAW_TEX = ("\\(", "\\)", "\\[", "\\]", "\\begin{", "\\frac", "$$")
+
+
+def check_math(driver) -> tuple[list[str], int]:
+    """Problems with the page's math, and the number of typeset formulas."""
+    nodes = driver.execute_script(
+        "const m = document.querySelector('main') || document.body;"
+        "return m.querySelectorAll('span.math, div.math').length;")
+    problems = []
+    typeset = 0
+    if nodes:
+        driver.set_script_timeout(40)
+        state = driver.execute_async_script(_WAIT_FOR_MATHJAX)
+        if state != "ok":
+            return [state], 0
+        typeset = driver.execute_script(
+            "const m = document.querySelector('main') || document.body;"
+            "return Array.from(m.querySelectorAll('span.math, div.math'))"
+            ".filter(n => n.querySelector('mjx-container')).length;")
+        if typeset < nodes:
+            problems.append(f"{nodes - typeset} of {nodes} math elements not typeset by MathJax")
+    text = driver.execute_script(
+        "const m = (document.querySelector('main') || document.body).cloneNode(true);"
+        "m.querySelectorAll('pre, code, script, style, mjx-container, .highlight').forEach(n => n.remove());"
+        "return m.textContent;")
+    raw = [t for t in RAW_TEX if t in text]
+    if raw:
+        i = text.find(raw[0])
+        problems.append(f"raw TeX in the text ({', '.join(raw)}): {' '.join(text[max(0, i - 40):i + 40].split())!r}")
+    return problems, typeset
+
+
+def check_offline(driver) -> list[str]:
+    """Scripts, stylesheets and other resources that did not come from the build."""
+    urls = driver.execute_script(
+        "const r = performance.getEntriesByType('resource').map(e => e.name);"
+        "const s = Array.from(document.querySelectorAll('script[src]')).map(e => e.src);"
+        "const l = Array.from(document.querySelectorAll('link[rel~=stylesheet], link[rel=preload], link[rel=modulepreload]'))"
+        ".map(e => e.href);"
+        "return r.concat(s, l);")
+    foreign = sorted({u for u in urls if urlparse(u).scheme not in ("file", "data", "blob", "about", "")})
+    return [f"loads from another host: {u}" for u in foreign]
+
+
 def check_page(driver, html_dir: Path, page: str, is_index: bool = False) -> tuple[list[str], str]:
     """Load one page; return (problems, summary)."""
     problems: list[str] = []
@@ -167,17 +238,21 @@ def check_page(driver, html_dir: Path, page: str, is_index: bool = False) -> tup
         if needle in text:
             problems.append(f"page text contains {needle!r}")
 
+    math_problems, formulas = check_math(driver)
+    problems += math_problems
+    problems += check_offline(driver)
+
     colab = driver.execute_script(
         f"return Array.from(document.querySelectorAll('a[href^=\"{COLAB_PREFIX}\"]')).map(a => a.href);"
     )
     if expected is not None:
-        want = f"/{page}.ipynb"
+        want = colab_url(page)
         if not colab:
             problems.append("no Colab launch link")
-        elif not all(href.endswith(want) for href in colab):
-            problems.append(f"Colab link {colab[0]} does not end with {want}")
+        elif not all(href == want for href in colab):
+            problems.append(f"Colab link {colab[0]} is not {want}")
     summary = (
-        f"title={title[:40]!r} images={len(images)}"
+        f"title={title[:40]!r} images={len(images)} math={formulas}"
         + (f" (notebook figures {expected})" if expected is not None else "")
         + (f" colab={colab[0].split('/blob/')[-1]}" if colab else "")
     )

@@ -208,3 +208,25 @@ def test_figures_use_the_inline_backend_whatever_the_environment(notebook):
     path, nb = notebook
     setup = _code_cells(nb)[1].source
     assert setup.splitlines()[0].strip() == "%matplotlib inline", path.name
+
+
+# ----------------------------------------------------------------------------
+# Offline math and publishing
+# ----------------------------------------------------------------------------
+def test_mathjax_is_served_from_the_build():
+    path = CONFIG["sphinx"]["config"]["mathjax_path"]
+    assert "://" not in path and not path.startswith("//"), path
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"MATHJAX := book/_static/{path}" in makefile
+    assert "book/_static" in CONFIG["sphinx"]["config"]["html_static_path"]
+
+
+def test_pages_workflow_builds_and_deploys_the_book():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "pages.yml").read_text())
+    steps = [s for job in workflow["jobs"].values() for s in job["steps"]]
+    runs = " ".join(s.get("run", "") for s in steps)
+    uses = [s.get("uses", "") for s in steps]
+    assert "make book" in runs
+    upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "_build/html"
+    assert any(u.startswith("actions/deploy-pages") for u in uses)
