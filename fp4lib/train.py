@@ -5,11 +5,14 @@
     python -m fp4lib.train --recipe nvfp4 --preset ci --steps 400 --seed 0 --out runs/nvfp4
     python -m fp4lib.train --recipe nvfp4 --out runs/nvfp4 --resume      # continue from ckpt.pt
     python -m fp4lib.train --recipe bf16 --corpus mybook.txt              # any text file
+    torchrun --standalone --nproc_per_node=2 -m fp4lib.train --recipe nvfp4 --dist ddp   # or --dist fsdp
 
 The last line printed is ``final val_loss: <number>`` (nats per byte); outside
-checks read it. Errors (unknown recipe, a missing or too short corpus, steps <= 0)
+checks read it. Errors (unknown recipe, a missing or too short corpus, steps <= 0,
+``--dist`` outside ``torchrun``, a batch that does not divide over the processes)
 exit with status 2 and a message naming the argument; a diverged run exits with
-status 1 and a message naming the step.
+status 1 and a message naming the step. Under ``torchrun`` with ``--dist`` the run is
+data-parallel (:mod:`fp4lib.distributed`); rank 0 alone prints.
 
 Sizes: :data:`fp4lib.training.PRESETS`. The engine is :mod:`fp4lib.training`;
 this module is its command line.
@@ -24,6 +27,7 @@ from typing import List, Optional
 
 import torch
 
+from . import distributed
 from .fake_quant import BACKEND_CHOICES
 from .recipes import RECIPES
 from .trainer import CHECKPOINT_FILE, TrainingDiverged
@@ -78,6 +82,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice); results can depend on it in the last bits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dist", default=None, choices=distributed.DIST_MODES,
+                   help="data-parallel under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)")
+    p.add_argument("--amax-reduce", dest="amax_reduce", action="store_true",
+                   help="with --dist: per-tensor scales from the maximum amax over the processes")
     return p
 
 
@@ -91,19 +99,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if args.resume and not (Path(out) / CHECKPOINT_FILE).is_file():
         parser.error(f"argument --resume: no checkpoint at {Path(out) / CHECKPOINT_FILE}")
+    if args.amax_reduce and not args.dist:
+        parser.error("argument --amax-reduce: applies to a data-parallel run (--dist ddp or --dist fsdp)")
+    extra = {}
+    main_rank = True
+    if args.dist:
+        try:
+            world = distributed.init_world(args.dist, args.device)
+        except ValueError as e:
+            parser.error(f"argument --dist: {e}")
+        batch = PRESETS[args.preset].train.batch_size
+        if batch % world.world_size:
+            parser.error(f"argument --dist: the {args.preset} preset's batch of {batch} sequences does not divide "
+                         f"over {world.world_size} processes")
+        main_rank = world.is_main
+        extra["trainer_factory"] = distributed.trainer_factory(world, amax_reduce=args.amax_reduce)
     try:
         result = run_training(args.recipe, args.preset, steps=args.steps, seed=args.seed, out=out,
                               resume=args.resume, corpus=args.corpus, backend=args.backend,
                               hp_final_fraction=args.hp_final_fraction, device=args.device,
-                              eval_every=args.eval_every, progress=not args.no_progress, log=print)
+                              eval_every=args.eval_every, progress=not args.no_progress,
+                              log=print if main_rank else (lambda s: None), **extra)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
         msg = str(e)
         if msg.startswith("corpus "):
             parser.error(f"argument --corpus: {msg}")
         parser.error(msg)
+    finally:
+        if args.dist:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if not main_rank:
+        return 0
     med = sorted(result.step_ms)[len(result.step_ms) // 2] if result.step_ms else float("nan")
     print(f"metrics: {Path(out) / 'metrics.jsonl'}; median step {med:.0f} ms")
     print(f"{FINAL_LINE_PREFIX}{result.final_val_loss:.6f}")

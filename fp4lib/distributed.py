@@ -1,0 +1,267 @@
+"""Data-parallel FP4 training under ``torchrun``: the one module that knows about processes.
+
+::
+
+    torchrun --standalone --nproc_per_node=2 -m fp4lib.train --recipe nvfp4 --dist ddp
+    torchrun --standalone --nproc_per_node=2 -m fp4lib.train --recipe nvfp4 --dist fsdp --amax-reduce
+
+``--dist ddp`` wraps the model in ``DistributedDataParallel``; ``--dist fsdp`` shards
+it with FSDP2 (``torch.distributed.fsdp.fully_shard`` on every transformer block,
+then on the model). Processes talk over NCCL on CUDA and gloo on a CPU.
+
+What stays as in one process, and what is per rank:
+
+* **The global batch.** Each of the N ranks trains on ``batch_size / N`` sequences
+  per step (``batch_size`` must divide evenly); the gradients are averaged over
+  the ranks, so one step sees the single-process run's batch size and the loss
+  curves compare. Validation uses the single-process run's batches, each rank
+  taking its share, and averages the ranks' losses.
+* **Seeds.** The initial weights are identical on every rank (built from the run's
+  seed before any process-specific step). The data order and the stochastic
+  rounding and Hadamard signs come from per-rank streams: rank 0 uses the run's
+  seed, as a single process does, and rank r > 0 ``mix_seed(seed, r)``. A
+  one-process ``torchrun`` run therefore reproduces the plain run.
+* **Logging.** Rank 0 alone writes ``metrics.jsonl``, shows the progress bar and
+  prints the summary; every logged loss is the mean over the ranks, so all ranks
+  take the same decisions (the divergence guard stops all of them at one step).
+* **Checkpoints.** ``torch.distributed.checkpoint`` writes the model and optimizer
+  (sharded under FSDP2) to ``ckpt_dcp/``, each rank its data and RNG state to
+  ``rank<r>.pt``, and rank 0 the step and history to ``ckpt.pt``, last, so that
+  ``ckpt.pt`` always names a complete checkpoint. Resuming needs the same number
+  of processes.
+* **Per-tensor amax.** By default each rank scales an operand by its own amax, as
+  a single process does for its batch; ``amax_reduce=True`` takes the maximum
+  over the ranks first (an all-reduce of one number per quantized operand), so
+  that every rank quantizes with one per-tensor scale, as Transformer Engine's
+  amax reduction group does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .fake_quant import mix_seed, tensor_amax_reduction
+from .nn import FP4Linear
+from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, default_loss
+
+__all__ = ["DIST_MODES", "World", "init_world", "RankShare", "DataParallelTrainer", "trainer_factory",
+           "rank_seed", "DCP_DIR"]
+
+DIST_MODES = ("ddp", "fsdp")
+DCP_DIR = "ckpt_dcp"
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: rank, number of processes, local rank, device and mode."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mode: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(mode: str, device: str = "auto") -> World:
+    """Join the process group that ``torchrun`` set up (NCCL on CUDA, gloo on a CPU).
+
+    Raises ``ValueError`` for an unknown ``mode`` or when the process was not
+    started by ``torchrun`` (its ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are unset).
+    """
+    if mode not in DIST_MODES:
+        raise ValueError(f"dist must be one of {DIST_MODES}, got {mode!r}")
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise ValueError(f"--dist {mode} needs torchrun ({', '.join(missing)} unset): run "
+                         f"torchrun --standalone --nproc_per_node=N -m fp4lib.train ... --dist {mode}")
+    rank, world_size, local_rank = (int(os.environ[v]) for v in _TORCHRUN_VARS)
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(rank, world_size, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), mode)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s streams: ``seed`` on rank 0, ``mix_seed(seed, rank)`` elsewhere."""
+    return seed if rank == 0 else mix_seed(seed, rank)
+
+
+class RankShare:
+    """One rank's share of each batch drawn from ``windows`` (anything with
+    ``sample(batch_size, generator)``).
+
+    ``shared=False`` (training): ``batch_size / world_size`` windows from this rank's
+    own generator. ``shared=True`` (validation): the same ``batch_size`` windows on
+    every rank (the generator is seeded alike everywhere), of which this rank takes
+    its contiguous slice.
+    """
+
+    def __init__(self, windows, world: World, shared: bool):
+        self.windows, self.world, self.shared = windows, world, shared
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+        n = self.world.world_size
+        if batch_size % n:
+            raise ValueError(f"the batch of {batch_size} sequences does not divide over {n} processes; "
+                             f"choose a world size that divides it")
+        per = batch_size // n
+        if not self.shared:
+            return self.windows.sample(per, generator)
+        batch = self.windows.sample(batch_size, generator)
+        lo = self.world.rank * per
+        return tuple(t[lo:lo + per] for t in batch)
+
+
+def _mean_over_ranks(loss_fn: Callable) -> Callable:
+    """``loss_fn`` whose value is the mean over the ranks; its gradient stays the local one
+    (the data-parallel wrapper averages gradients itself)."""
+
+    def loss(model, batch):
+        local = loss_fn(model, batch)
+        mean = local.detach().clone()
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+        return local + (mean - local.detach())
+
+    return loss
+
+
+def _wrap(model: nn.Module, world: World) -> nn.Module:
+    model = model.to(world.device)
+    if world.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class DataParallelTrainer(Trainer):
+    """:class:`~fp4lib.trainer.Trainer` on one rank of a DDP or FSDP2 run (see the module docs)."""
+
+    def __init__(self, model: nn.Module, train_data, val_data, config: TrainConfig, world: World, *,
+                 loss_fn: Callable = default_loss, hooks: Sequence[Callable] = (), run_info: Optional[dict] = None,
+                 amax_reduce: bool = False):
+        self.world = world
+        self.amax_reduce = amax_reduce
+        self._fp4 = [m for m in model.modules() if isinstance(m, FP4Linear)]
+        self._base_seeds = [m.seed for m in self._fp4]
+        self._set_rank_seeds()
+        config = dataclasses.replace(config, progress=config.progress and world.is_main)
+        info = dict(run_info or {}, dist=world.mode, world_size=world.world_size, amax_reduce=amax_reduce)
+        super().__init__(_wrap(model, world), RankShare(train_data, world, shared=False),
+                         RankShare(val_data, world, shared=True), config, loss_fn=_mean_over_ranks(loss_fn),
+                         hooks=hooks, run_info=info)
+        self.data_generator = torch.Generator().manual_seed(rank_seed(config.seed, world.rank))
+
+    def _set_rank_seeds(self) -> None:
+        for m, seed in zip(self._fp4, self._base_seeds):
+            m.seed = rank_seed(seed, self.world.rank)
+
+    @property
+    def metrics_path(self) -> Optional[Path]:
+        return super().metrics_path if self.world.is_main else None
+
+    def _log(self, record: dict) -> None:
+        if self.world.is_main:
+            super()._log(record)
+
+    def train(self, resume: bool = False):
+        if not self.amax_reduce:
+            return super().train(resume=resume)
+
+        def group_max(amax: torch.Tensor) -> torch.Tensor:
+            amax = amax.clone()
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+            return amax
+
+        with tensor_amax_reduction(group_max):
+            return super().train(resume=resume)
+
+    # ------------------------------------------------------------- checkpoints
+    def _state_dicts(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(self.model, self.optimizer)
+
+    def save_checkpoint(self) -> None:
+        if self.out_dir is None:
+            return
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = self._state_dicts()
+        tmp, final = self.out_dir / (DCP_DIR + ".tmp"), self.out_dir / DCP_DIR
+        if self.world.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        dist.barrier()
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        torch.save({"data_generator": self.data_generator.get_state(), "torch_rng": torch.get_rng_state()},
+                   self.out_dir / f"rank{self.world.rank}.pt")
+        dist.barrier()
+        if self.world.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            state = {"step": self.step, "best_loss": self.best_loss, "world_size": self.world.world_size,
+                     "history": {"train_losses": self.train_losses, "val_losses": self.val_losses,
+                                 "step_ms": self.step_ms},
+                     "config": dataclasses.asdict(self.config), "run_info": self.run_info}
+            ckpt_tmp = self.checkpoint_path.with_suffix(".tmp")
+            torch.save(state, ckpt_tmp)
+            os.replace(ckpt_tmp, self.checkpoint_path)
+        dist.barrier()
+
+    def load_checkpoint(self, path: Optional[str] = None) -> int:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        marker = Path(path) if path else self.checkpoint_path
+        if marker is None or not marker.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {marker}")
+        state = torch.load(marker, map_location="cpu", weights_only=False)
+        if state.get("world_size") != self.world.world_size:
+            raise ValueError(f"the checkpoint in {marker.parent} was written by {state.get('world_size')} "
+                             f"process(es); resume it with the same number, not {self.world.world_size}")
+        model_sd, optim_sd = self._state_dicts()
+        sd = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(sd, checkpoint_id=str(marker.parent / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        self._set_rank_seeds()  # the stored extra state holds one rank's seeds
+        mine = torch.load(marker.parent / f"rank{self.world.rank}.pt", weights_only=False)
+        self.data_generator.set_state(mine["data_generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        self.step, self.best_loss = int(state["step"]), float(state["best_loss"])
+        for name, values in state["history"].items():  # train_losses, val_losses, step_ms
+            setattr(self, name, [tuple(v) if name == "val_losses" else v for v in values])
+        return self.step
+
+
+def trainer_factory(world: World, amax_reduce: bool = False) -> Callable[..., DataParallelTrainer]:
+    """A factory for :func:`fp4lib.training.run_training`: its trainer runs on this rank of ``world``."""
+
+    def make(model, train_data, val_data, config, **kwargs) -> DataParallelTrainer:
+        return DataParallelTrainer(model, train_data, val_data, config, world, amax_reduce=amax_reduce, **kwargs)
+
+    return make

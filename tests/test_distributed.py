@@ -1,0 +1,123 @@
+"""Data-parallel training under torchrun: 2 processes on gloo, DDP and FSDP2 (fp4lib.distributed)."""
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp4lib.training import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+WORKER = str(ROOT / "tests" / "dist_worker.py")
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def torchrun(nproc: int, args, check=True):
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+                      "--nnodes=1"] + [str(a) for a in args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def worker(tmp_path, name, mode, steps, *extra, nproc=2, rank=0):
+    out = tmp_path / name
+    out.mkdir(exist_ok=True)
+    torchrun(nproc, [WORKER, mode, out, steps, *extra])
+    return json.loads((out / f"result{rank}.json").read_text())
+
+
+def single(steps, seed, out=None):
+    torch.set_num_threads(1)
+    return run_training("nvfp4", "tiny", steps=steps, seed=seed, out=out, backend="fused", device="cpu",
+                        progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_come_within_seed_noise_of_one_with_the_same_global_batch(tmp_path, mode):
+    steps = 40
+    singles = [single(steps, seed).final_val_loss for seed in (0, 1, 2, 3)]
+    noise = statistics.stdev(singles)
+    two = worker(tmp_path, "two", mode, steps)
+    assert abs(two["final"] - statistics.fmean(singles)) <= 3 * noise + 1e-3, (two["final"], singles)
+    assert two["final"] != singles[0]  # rank 1's data and rounding streams differ from rank 0's
+
+
+def test_one_process_under_torchrun_reproduces_the_plain_run(tmp_path):
+    one = worker(tmp_path, "one", "ddp", 12, nproc=1)
+    plain = single(12, 0)
+    assert one["train_losses"] == plain.train_losses
+    assert one["final"] == plain.final_val_loss
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resuming_with_the_same_world_size_reproduces_the_uninterrupted_losses(tmp_path, mode):
+    whole = worker(tmp_path, "whole", mode, 14)
+    crashed = worker(tmp_path, "resumed", mode, 14, "--crash-at", 13)
+    assert crashed["crashed"] == 13
+    resumed = worker(tmp_path, "resumed", mode, 14, "--resume")
+    assert resumed["train_losses"] == whole["train_losses"]
+    assert resumed["val_losses"] == [list(v) for v in whole["val_losses"]] or resumed["val_losses"] == whole["val_losses"]
+    # A different number of processes is refused, naming both.
+    out = torchrun(1, [WORKER, mode, tmp_path / "resumed", 14, "--resume"], check=False)
+    assert out.returncode != 0 and "written by 2 process(es)" in out.stderr
+
+
+def test_a_diverging_rank_stops_every_rank_at_one_step_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    out.mkdir()
+    torchrun(2, [WORKER, "ddp", out, 14, "--nan-rank", 1, "--nan-step", 12])
+    r0, r1 = (json.loads((out / f"result{r}.json").read_text()) for r in (0, 1))
+    assert r0["diverged"] == r1["diverged"] == 12
+    assert "the loss is not finite" in r0["message"] and r0["checkpoint"].endswith("ckpt.pt")
+    assert (out / "ckpt.pt").is_file() and (out / "ckpt_dcp").is_dir()
+
+
+def test_amax_reduction_changes_the_per_tensor_scales_and_runs(tmp_path):
+    own = worker(tmp_path, "own", "ddp", 6)
+    group = worker(tmp_path, "group", "ddp", 6, "--amax-reduce")
+    assert group["train_losses"] != own["train_losses"]
+    assert abs(group["final"] - own["final"]) < 0.05
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    def cli(*args, dist_run=None):
+        cmd = (TORCHRUN + [f"--nproc_per_node={dist_run}", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+                           "-m"] if dist_run else [sys.executable, "-m"])
+        return subprocess.run(cmd + ["fp4lib.train", "--preset", "tiny", "--steps", "2", "--backend", "fused",
+                                     "--out", str(tmp_path / "cli"), "--no-progress", *args],
+                              capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+
+    out = cli("--dist", "ddp")
+    assert out.returncode == 2 and "needs torchrun" in out.stderr
+    out = cli("--dist", "horovod")
+    assert out.returncode == 2 and "invalid choice: 'horovod'" in out.stderr
+    out = cli("--amax-reduce")
+    assert out.returncode == 2 and "applies to a data-parallel run" in out.stderr
+    out = cli("--dist", "ddp", dist_run=3)
+    assert out.returncode != 0 and "does not divide over 3 processes" in out.stderr
+    out = cli("--recipe", "nvfp4", "--dist", "fsdp", dist_run=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("final val_loss: ") and sum(l.startswith("final val_loss") for l in lines) == 1
