@@ -86,6 +86,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="data-parallel under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)")
     p.add_argument("--amax-reduce", dest="amax_reduce", action="store_true",
                    help="with --dist: per-tensor scales from the maximum amax over the processes")
+    p.add_argument("--grad-comm", dest="grad_comm", default="fp32", choices=distributed.GRAD_COMM,
+                   help="with --dist ddp: send gradients as they are (fp32) or in FP8 with one scale per bucket")
     return p
 
 
@@ -101,6 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"argument --resume: no checkpoint at {Path(out) / CHECKPOINT_FILE}")
     if args.amax_reduce and not args.dist:
         parser.error("argument --amax-reduce: applies to a data-parallel run (--dist ddp or --dist fsdp)")
+    if args.grad_comm != "fp32" and args.dist != "ddp":
+        parser.error("argument --grad-comm: applies to --dist ddp (a DDP communication hook)")
     extra = {}
     main_rank = True
     if args.dist:
@@ -113,7 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"argument --dist: the {args.preset} preset's batch of {batch} sequences does not divide "
                          f"over {world.world_size} processes")
         main_rank = world.is_main
-        extra["trainer_factory"] = distributed.trainer_factory(world, amax_reduce=args.amax_reduce)
+        extra["trainer_factory"] = distributed.trainer_factory(world, amax_reduce=args.amax_reduce,
+                                                               grad_comm=args.grad_comm)
     try:
         result = run_training(args.recipe, args.preset, steps=args.steps, seed=args.seed, out=out,
                               resume=args.resume, corpus=args.corpus, backend=args.backend,
@@ -138,6 +143,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not main_rank:
         return 0
     med = sorted(result.step_ms)[len(result.step_ms) // 2] if result.step_ms else float("nan")
+    comm = result.info.get("grad_comm_bytes_per_step")
+    if comm:
+        print(f"gradient all-reduce: {comm['payload']:,.0f} bytes per step and rank handed over, "
+              f"{comm['wire']:,.0f} sent (ring model)")
     print(f"metrics: {Path(out) / 'metrics.jsonl'}; median step {med:.0f} ms")
     print(f"{FINAL_LINE_PREFIX}{result.final_val_loss:.6f}")
     return 0

@@ -121,3 +121,31 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("final val_loss: ") and sum(l.startswith("final val_loss") for l in lines) == 1
+
+
+def test_fp8_gradient_allreduce_sends_a_quarter_of_the_bytes_and_trains_alike(tmp_path):
+    runs = {}
+    for gc in ("fp32", "fp8"):
+        out = torchrun(2, ["-m", "fp4lib.train", "--recipe", "nvfp4", "--preset", "tiny", "--steps", "6", "--dist", "ddp",
+                           "--grad-comm", gc, "--backend", "fused", "--out", tmp_path / gc, "--no-progress"])
+        lines = out.stdout.strip().splitlines()
+        comm = next(l for l in lines if l.startswith("gradient all-reduce:"))
+        runs[gc] = (int(comm.split()[2].replace(",", "")), float(lines[-1].split(": ")[1]))
+    (b32, loss32), (b8, loss8) = runs["fp32"], runs["fp8"]
+    n_params = b32 // 4  # FP32 gradients, one bucket at this size
+    assert b8 == n_params + 4  # one byte per gradient, one FP32 scale
+    assert abs(loss8 - loss32) < 0.01
+
+
+def test_communication_formulas():
+    from fp4lib.distributed import gradient_comm_bytes, weight_gather_bytes
+
+    assert gradient_comm_bytes(1000, 2) == 4000  # ring all-reduce: 2 (n-1)/n of 4 kB
+    assert gradient_comm_bytes(1000, 8, bits=16) == 2 * 7 / 8 * 2000
+    assert weight_gather_bytes(1024, 4, bits=4.5) == 2 * 3 / 4 * 1024 * 4.5 / 8
+
+
+def test_grad_comm_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fp4lib.train", "--preset", "tiny", "--grad-comm", "fp8"],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert out.returncode == 2 and "applies to --dist ddp" in out.stderr
