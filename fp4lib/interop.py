@@ -15,8 +15,9 @@ Never quantize again on the other side. fp4lib's MXFP4 is bit for bit torchao's
 ``to_mx`` with the OCP floor rule, but NVFP4 differs in details: fp4lib follows
 Transformer Engine's reference (``s_enc = 2688 / amax``, block scale
 ``e4m3((amax_b / 6) * s_enc)``, an underflowing block scale flushed to zero), while
-torchao's ``nvfp4_quantize`` divides by ``amax / 2688`` and clamps underflowing
-block scales to E4M3's smallest subnormal. The two agree on most blocks, not all.
+torchao's ``nvfp4_quantize`` divides by ``amax / 2688`` and raises block scales
+below E4M3's smallest normal number (2^-6) to it. The two agree on most blocks, not all: they part where fp4lib's block scale is
+subnormal or zero.
 
 torchao is an optional dependency (``pip install torchao``); this module imports it
 only when called.
