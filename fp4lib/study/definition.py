@@ -60,14 +60,15 @@ STUDIES = {
     "fwd_bwd": ("nvfp4_fwd_only", "nvfp4_bwd_only"),
     "final_hp": ("nvfp4_hp_final", "nvfp4_hp_eval"),
     "beyond": ("nvfp4_unbiased_sr", "nvfp4_4over6"),
-    "length": ("bf16", "nvfp4", "nvfp4_hp_final"),
+    "length": ("bf16", "nvfp4_hp_final"),
 }
 """Study -> its recipes. ``main``: the recipes side by side, every quantized one
 with the same high-precision layers (the last block); ``all_fp4``: every block
 quantized; ``ablation``: nvfp4 with one ingredient off; ``fwd_bwd``: FP4 in the
 forward or the backward GEMMs only; ``final_hp``: the last 10% of steps in high
 precision, and its control, FP4 training evaluated in high precision;
-``beyond``: two ingredients from after NVIDIA's recipe; ``length``: 4x longer runs."""
+``beyond``: two ingredients from after NVIDIA's recipe; ``length``: 4x longer runs,
+nvfp4 with NVIDIA's end-phase switch against the baseline."""
 
 
 def _study() -> List[Run]:
