@@ -1,6 +1,6 @@
 """GPU readiness in one command (``make gpu-check``): what only a CUDA machine can check.
 
-    python benchmarks/gpu_check.py             # all four parts; writes the "gpu_check" section
+    python benchmarks/gpu_check.py             # all five parts; writes the "gpu_check" section
     python benchmarks/gpu_check.py --steps 50  # shorter timings
 
 On a machine with CUDA it
@@ -16,7 +16,11 @@ On a machine with CUDA it
 3. runs the bf16 fidelity check on CUDA: under bf16 autocast every GEMM's output
    of an FP4Linear equals the float32 path's output rounded to bf16, for at
    least 99% of the elements;
-4. times about 200 training steps of the ``gpu`` preset for bf16, nvfp4 and mxfp4
+4. on a GPU with block-scaled FP4 GEMMs (compute capability 10.x), runs
+   ``fp4lib.interop.fp4_gemm`` for MXFP4 and NVFP4 and compares it with the CPU
+   emulation ``block_scaled_matmul``: equal up to one float32 rounding per block
+   accumulated; on other GPUs it says the GEMM is skipped;
+5. times about 200 training steps of the ``gpu`` preset for bf16, nvfp4 and mxfp4
    (compiled fake quantization) and writes ms/step and tokens/s into
    ``benchmarks/RESULTS.md``.
 
@@ -142,6 +146,28 @@ def time_recipe(recipe: str, steps: int) -> dict:
             "precision": result.info.get("precision"), "steps": steps, "warmup": warmup}
 
 
+def fp4_gemm_rows(device: str = "cuda") -> list:
+    """``(scheme, m, n, k, max |gpu - emulation| / bound)`` for a few shapes; the bound is one
+    float32 rounding per K block of the sum of |products|. Empty without an FP4 GEMM."""
+    from fp4lib import quantize
+    from fp4lib.interop import block_scaled_matmul, fp4_gemm, fp4_gemm_available
+
+    if not fp4_gemm_available():
+        return []
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for scheme in ("mxfp4", "nvfp4"):
+        for m, n, k in ((128, 128, 256), (512, 256, 1024), (1024, 1024, 4096)):
+            x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+            x = x * torch.rand(m, k // 32, generator=g).mul(12).exp2().repeat_interleave(32, 1)
+            a, b = quantize(x, scheme), quantize(w, scheme)
+            y_ref = block_scaled_matmul(a, b)
+            y = fp4_gemm(quantize(x.to(device), scheme), quantize(w.to(device), scheme)).cpu()
+            bound = (k // a.block_size) * 2.0**-24 * (a.dequantize().abs() @ b.dequantize().abs().T) + 1e-30
+            rows.append((scheme, m, n, k, float(((y - y_ref).abs() / bound).max())))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="training steps timed per recipe")
@@ -183,7 +209,21 @@ def main(argv=None) -> int:
         ok &= same >= FIDELITY
     lines.append("")
 
-    print("4. gpu preset step times", flush=True)
+    print("4. block-scaled FP4 GEMM against its emulation", flush=True)
+    gemm = fp4_gemm_rows()
+    if not gemm:
+        lines += [f"Block-scaled FP4 GEMM: skipped, this GPU has compute capability "
+                  f"{'.'.join(map(str, torch.cuda.get_device_capability()))} (needs 10.x).", ""]
+    else:
+        lines += ["Block-scaled FP4 GEMM (`torch._scaled_mm`) against `block_scaled_matmul` on the CPU, "
+                  "largest difference in units of the bound (one float32 rounding per K block):", "",
+                  "| scheme | M x N x K | largest difference / bound |", "|---|---|---|"]
+        for scheme, m, n, k, worst in gemm:
+            lines.append(f"| {scheme} | {m} x {n} x {k} | {worst:.3f} |")
+            ok &= worst <= 2.0
+        lines.append("")
+
+    print("5. gpu preset step times", flush=True)
     timings = [time_recipe(r, args.steps) for r in TIMED_RECIPES]
     base = timings[0]["ms"]
     lines += [f"`gpu` preset (10.8M parameters, 64 x 256 tokens per step), {args.steps} steps per recipe, "

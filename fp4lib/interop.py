@@ -10,6 +10,11 @@
 * :func:`gemm_operand` -- the same bytes in the layout of a block-scaled FP4 GEMM
   (``torch._scaled_mm`` on Blackwell GPUs, cuBLAS): the codes as
   ``torch.float4_e2m1fn_x2`` and the scales swizzled into 128 x 4 tiles.
+* :func:`fp4_gemm` -- that GEMM, ``a @ b.T`` on two quantized operands, on a GPU
+  that has it (compute capability 10.x, "SM100"), and :func:`block_scaled_matmul`,
+  its emulation on any device: the E2M1 products of each block summed exactly,
+  scaled by the two block scales and accumulated block after block in FP32, as
+  Transformer Engine's reference GEMM does.
 
 Never quantize again on the other side. fp4lib's MXFP4 is bit for bit torchao's
 ``to_mx`` with the OCP floor rule, but NVFP4 differs in details: fp4lib follows
@@ -25,14 +30,53 @@ only when called.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .constants import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE
 from .scaling import QuantizedTensor
 
-__all__ = ["to_torchao", "from_torchao", "gemm_operand", "swizzle_scales", "unswizzle_scales"]
+__all__ = ["to_torchao", "from_torchao", "gemm_operand", "swizzle_scales", "unswizzle_scales",
+           "block_scaled_matmul", "fp4_gemm", "fp4_gemm_available", "ENGINE_SWITCHES", "TORCHAO_NAMES"]
 
 _SWIZZLE_ROWS, _SWIZZLE_COLS = 128, 4  # the scale tile of block-scaled GEMMs
+
+
+ENGINE_SWITCHES = {
+    # recipe: (Transformer Engine, torchao 0.18, Megatron-LM)
+    "bf16": ("no recipe (outside te.autocast)", "no config", "neither --fp8-format nor --fp4-format"),
+    "fp8": ("Float8CurrentScaling(fp8_format=Format.HYBRID)", 'Float8LinearConfig.from_recipe_name("tensorwise")',
+            "--fp8-format hybrid --fp8-recipe tensorwise"),
+    "nvfp4": ("NVFP4BlockScaling(); the last block outside te.autocast", "NVFP4TrainingConfig() (fixed recipe)",
+              "--fp4-format e2m1 --fp4-recipe nvfp4 --first-last-layers-bf16 --num-layers-at-start-in-bf16 0 "
+              "--num-layers-at-end-in-bf16 1"),
+    "nvfp4_all_fp4": ("NVFP4BlockScaling() on every block", "NVFP4TrainingConfig() on every linear",
+                      "--fp4-format e2m1 --fp4-recipe nvfp4"),
+    "nvfp4_no_sr": ("NVFP4BlockScaling(disable_stochastic_rounding=True)", "no switch", "no flag"),
+    "nvfp4_no_rht": ("NVFP4BlockScaling(disable_rht=True)", "no switch", "no flag"),
+    "nvfp4_no_tiles": ("NVFP4BlockScaling(disable_2d_quantization=True)", "no switch", "no flag"),
+    "nvfp4_4over6": ('NVFP4BlockScaling(nvfp4_4over6="all", nvfp4_4over6_err_mode="MSE")', "no switch", "no flag"),
+    "nvfp4_unbiased_sr": ("no switch", "no switch", "no flag"),
+    "nvfp4_hp_final": ("leave te.autocast for the last 10% of steps", "remove the config for the last 10% of steps",
+                       "resume the last 10% of steps without --fp4-format"),
+    "mxfp4": ("no MXFP4 training recipe (MXFP8BlockScaling is FP8)",
+              "no MXFP4 training config; to_mx(x, torch.float4_e2m1fn_x2, 32, ScaleCalculationMode.FLOOR) "
+              "quantizes as fp4lib", "no MXFP4 recipe"),
+}
+"""fp4lib's recipes as the switches of engines with FP4 kernels: recipe -> (Transformer
+Engine's ``transformer_engine.common.recipe``, torchao 0.18, Megatron-LM's command line).
+"no switch" / "no flag": the engine has no option for the ingredient. Megatron-LM passes
+NVFP4's ingredients to Transformer Engine without flags of its own."""
+
+TORCHAO_NAMES = {
+    "Float8LinearConfig": "torchao.float8",
+    "NVFP4TrainingConfig": "torchao.prototype.moe_training.nvfp4_training.nvfp4_training",
+    "MXFP8TrainingOpConfig": "torchao.prototype.moe_training.config",
+    "ScaleCalculationMode": "torchao.prototype.mx_formats.config",
+    "to_mx": "torchao.prototype.mx_formats.mx_tensor",
+}
+"""Where torchao 0.18 keeps the names :data:`ENGINE_SWITCHES` and this module use."""
 
 
 def _torchao():
@@ -123,12 +167,100 @@ def unswizzle_scales(swizzled: torch.Tensor, rows: int, cols: int) -> torch.Tens
     return tiles.permute(0, 2, 1, 3).reshape(r, c)[:rows, :cols]
 
 
+def _row_block_scales(q: QuantizedTensor) -> torch.Tensor:
+    """The block scales of a 2-D MXFP4/NVFP4 tensor as one scale per row and block of
+    the last axis (an NVFP4 16x16 tile's scale repeated on its 16 rows), in their own dtype."""
+    if q.scheme not in ("mxfp4", "nvfp4") or len(q.shape) != 2:
+        raise ValueError(f"expected a 2-D MXFP4 or NVFP4 tensor, got scheme {q.scheme!r} of shape {tuple(q.shape)}")
+    if q.tile:
+        return q.scale.repeat_interleave(NVFP4_BLOCK_SIZE, dim=0)
+    return q.scale
+
+
 def gemm_operand(q: QuantizedTensor):
     """``(codes, scales)`` of a 2-D MXFP4 or NVFP4 tensor in a block-scaled FP4 GEMM's layout:
     the packed codes as ``torch.float4_e2m1fn_x2`` (rows, cols / 2), the block scales
     swizzled (:func:`swizzle_scales`). NVFP4's per-tensor scale stays outside, as the
-    GEMM's output scale (``alpha``).
+    GEMM's output scale (``alpha``). An NVFP4 weight quantized in 16x16 tiles passes
+    each tile's scale to all 16 of its rows: GEMMs scale 1 x 16 blocks along K.
     """
-    if q.scheme not in ("mxfp4", "nvfp4") or q.tile or len(q.shape) != 2:
-        raise ValueError("gemm_operand takes a 2-D MXFP4 tensor or a 2-D NVFP4 tensor with 1x16 blocks")
-    return q.packed.view(torch.float4_e2m1fn_x2), swizzle_scales(q.scale)
+    return q.packed.view(torch.float4_e2m1fn_x2), swizzle_scales(_row_block_scales(q))
+
+
+def _check_gemm_pair(a: QuantizedTensor, b: QuantizedTensor) -> None:
+    if a.scheme != b.scheme:
+        raise ValueError(f"both operands need the same scheme, got {a.scheme!r} and {b.scheme!r}")
+    _row_block_scales(a), _row_block_scales(b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a @ b.T needs the same K (last axis): a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+
+
+def _tensor_scale(a: QuantizedTensor, b: QuantizedTensor) -> Optional[torch.Tensor]:
+    return a.global_scale * b.global_scale if a.scheme == "nvfp4" else None
+
+
+def block_scaled_matmul(a: QuantizedTensor, b: QuantizedTensor) -> torch.Tensor:
+    """``a @ b.T`` in float32 as a block-scaled FP4 GEMM computes it, on any device.
+
+    ``a`` is (M, K), ``b`` is (N, K), both MXFP4 or both NVFP4, with blocks along K.
+    For each K block the E2M1 products are summed (exactly: they are multiples of
+    1/4 far below 2^24), multiplied by the product of the two block scales (exact
+    too) and added to a float32 accumulator, block after block in order of K; NVFP4's
+    two per-tensor scales multiply the result last. Only the accumulation rounds,
+    once per block, so the result is the same on every CPU kernel set and
+    differs from :func:`fp4_gemm` only in the order of the hardware's accumulation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fp4lib import quantize
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = quantize(torch.randn(4, 64, generator=g), "nvfp4")
+    >>> b = quantize(torch.randn(3, 64, generator=g), "nvfp4")
+    >>> y = block_scaled_matmul(a, b)
+    >>> torch.allclose(y, a.dequantize() @ b.dequantize().T, rtol=1e-5, atol=1e-6)
+    True
+    """
+    _check_gemm_pair(a, b)
+    bs = a.block_size
+    (m, k), n = a.shape, b.shape[0]
+    va = a.element_format.decode(a.codes()).view(m, k // bs, bs).transpose(0, 1)  # (blocks, M, bs)
+    vb = b.element_format.decode(b.codes()).view(n, k // bs, bs).transpose(0, 1)
+    sa = _row_block_scales(a).float().T  # (blocks, M), exact: E8M0 and E4M3 are float32 values
+    sb = _row_block_scales(b).float().T
+    out = torch.zeros(m, n, dtype=torch.float32, device=va.device)
+    for i in range(k // bs):
+        out += (va[i] @ vb[i].T) * (sa[i][:, None] * sb[i][None, :])  # the block's term is exact
+    scale = _tensor_scale(a, b)
+    return out if scale is None else out * scale
+
+
+def fp4_gemm_available(device=None) -> bool:
+    """Whether ``torch._scaled_mm`` has block-scaled FP4 GEMMs here: a CUDA GPU of
+    compute capability 10.x (B200, GB200; "SM100")."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 10
+
+
+def fp4_gemm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a @ b.T`` on the GPU's block-scaled FP4 tensor cores (``torch._scaled_mm``).
+
+    The operands as in :func:`block_scaled_matmul`, on a CUDA device with
+    :func:`fp4_gemm_available`; K a multiple of 32 and M, N multiples of 16 (cuBLAS'
+    alignment). NVFP4's per-tensor scales multiply the output afterwards, as torchao
+    does. Raises ``RuntimeError`` naming what is missing elsewhere.
+    """
+    _check_gemm_pair(a, b)
+    if a.packed.device.type != "cuda" or b.packed.device.type != "cuda":
+        raise RuntimeError("fp4_gemm runs on a CUDA device; move the QuantizedTensors there, or use "
+                           "block_scaled_matmul, which emulates it anywhere")
+    if not fp4_gemm_available(a.packed.device):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(a.packed.device)))
+        raise RuntimeError(f"block-scaled FP4 GEMMs need compute capability 10.x; this GPU has {cap}. "
+                           "block_scaled_matmul emulates the GEMM on any device")
+    codes_a, scales_a = gemm_operand(a)
+    codes_b, scales_b = gemm_operand(b)
+    out = torch._scaled_mm(codes_a, codes_b.T, scales_a, scales_b, out_dtype=out_dtype)
+    scale = _tensor_scale(a, b)
+    return out if scale is None else (out.float() * scale).to(out_dtype)

@@ -99,3 +99,32 @@ def test_handover_errors_name_the_problem():
         to_torchao(quantize(torch.randn(64), "mxfp4"))
     with pytest.raises(TypeError, match="MXTensor or NVFP4Tensor"):
         from_torchao(torch.randn(4))
+
+
+def test_engine_switch_table_names_our_recipes_and_torchaos_real_names():
+    import importlib
+
+    from fp4lib.interop import ENGINE_SWITCHES, TORCHAO_NAMES
+    from fp4lib.recipes import RECIPES, get_recipe
+
+    assert set(ENGINE_SWITCHES) <= set(RECIPES)
+    assert {"bf16", "fp8", "nvfp4", "mxfp4"} <= set(ENGINE_SWITCHES)
+    objects = {name: getattr(importlib.import_module(module), name) for name, module in TORCHAO_NAMES.items()}
+    for recipe, (_, ao, _) in ENGINE_SWITCHES.items():
+        for name in objects:
+            if name in ao:
+                assert ao.count(name) == 1
+    # The FP8 row: torchao's tensorwise recipe casts like ours (E4M3 forward operands, E5M2 gradients).
+    config = objects["Float8LinearConfig"].from_recipe_name("tensorwise")
+    assert config.cast_config_input.target_dtype == torch.float8_e4m3fn
+    assert config.cast_config_weight.target_dtype == torch.float8_e4m3fn
+    assert config.cast_config_grad_output.target_dtype == torch.float8_e5m2
+    assert get_recipe("fp8").linear.dgrad_dy.scheme == "fp8_e5m2"
+    # The MXFP4 row: to_mx with the FLOOR rule is fp4lib's MXFP4, bit for bit.
+    x = torch.randn(16, 64)
+    scale, data = objects["to_mx"](x, torch.float4_e2m1fn_x2, 32, objects["ScaleCalculationMode"].FLOOR)
+    assert torch.equal(data.view(torch.uint8), quantize(x, "mxfp4", backend="reference").packed)
+    # The Megatron rows keep the last block in BF16 exactly where our recipe does.
+    assert get_recipe("nvfp4").hp_last_blocks == 1 and get_recipe("nvfp4").hp_first_blocks == 0
+    assert "--num-layers-at-end-in-bf16 1" in ENGINE_SWITCHES["nvfp4"][2]
+    assert get_recipe("nvfp4_all_fp4").hp_last_blocks == 0 and "bf16" not in ENGINE_SWITCHES["nvfp4_all_fp4"][2]
