@@ -113,6 +113,7 @@ experiments: venv
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study reference
 	if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
 	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.study reference; fi
+	$(PY) benchmarks/study_report.py
 
 gpu-check: venv
 	$(PY) benchmarks/gpu_check.py

@@ -3,7 +3,8 @@
     python benchmarks/study_report.py [--no-write]
 
 Every number comes from the stored result files, each of which records the command,
-seed, machine and code hash that produced it (``make test`` fails when one is stale).
+seed, machine and code hash that produced it (``make test`` fails when one is stale, and
+when the section in RESULTS.md is not what this script writes from them).
 """
 
 from __future__ import annotations
@@ -16,68 +17,109 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
-from fp4lib.study import (check_targets, load_results, paired_difference, stale_results, summary,  # noqa: E402
-                          val_gap_curve)
+from fp4lib.study import (INGREDIENT_STUDIES, STUDY, check_targets, load_results, paired_gap,  # noqa: E402
+                          recipe_losses, seeds_needed, stale_results)
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "results"
+MAIN = ("bf16", "fp8", "nvfp4", "mxfp4", "fp4_naive")
 
 
-def fmt_gap(row) -> str:
-    if row["gap_mean_pct"] is None:
+def interval(p) -> str:
+    if p is None:
         return "-"
-    gaps = ", ".join(f"{g:+.2f}" for g in row["gap_pct"])
-    return f"{paired_difference(row['gap_pct']).interval()}% ({gaps})"
+    seeds = ", ".join(f"{d:+.2f}" for d in p.diffs)
+    return f"{p.interval()} ({seeds})"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    results = load_results(RESULTS_DIR)
+def verdict(p, above="above", below="below") -> str:
+    if p is None:
+        return "not stored"
+    if p.resolved or not p.sd:
+        return p.verdict(above, below)
+    return f"{p.verdict()}; ~{seeds_needed(p.mean, p.sd)} seeds would resolve it"
+
+
+def step_ms(results, recipe, studies) -> list:
+    return [r["step_ms_median"] for r in results.values()
+            if r["definition"]["recipe"] == recipe and r["definition"]["study"] in studies]
+
+
+def report(results_dir: Path = RESULTS_DIR) -> str:
+    """The section's text, from the stored results in ``results_dir``."""
+    results = load_results(results_dir)
     if not results:
-        print("no stored results; run `make experiments` first", file=sys.stderr)
-        return 1
-    stale = stale_results(RESULTS_DIR)
+        raise SystemExit("no stored results; run `make experiments` first")
+    stale = stale_results(results_dir)
     any_rec = next(iter(results.values()))
     m = any_rec["machine"]
     lines = [
         "## Training study at the ci size (stored results)",
         "",
         "Written by `python benchmarks/study_report.py` from `experiments/results/*.json`"
-        f" (code hash `{any_rec['code_hash'][:12]}`; {len(results)} runs; "
+        f" (code hash `{any_rec['code_hash'][:12]}`; {len(results)} of {len(STUDY)} runs; "
         f"{'all current' if not stale else 'missing or stale: ' + ', '.join(sorted(stale))}).",
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {any_rec['torch']}, "
         f"{m.get('torch_threads', '?')} thread(s) per run, two runs side by side. Step times here are"
         " medians of the whole run under that shared load; `benchmarks/train_step.py` measures them alone.",
+        "Every difference is paired by seed (percent of the reference's final validation loss), with its"
+        " 95% t interval and the per-seed values; a verdict only where the interval excludes zero.",
         "",
     ]
-    base_ms = statistics.fmean(r["step_ms_median"] for n, r in results.items() if r["definition"]["recipe"] == "bf16"
-                               and r["definition"]["study"] == "main")
-    for study, title in (("main", "Recipes"), ("ablation", "nvfp4 ablations (seed 0)"),
-                         ("fwd_bwd", "Where the gap comes from (seed 0)"), ("length", "High precision for the last 10% of steps (seed 0)")):
-        rows = summary(results, study)
-        if not rows:
+    base_ms = statistics.fmean(step_ms(results, "bf16", ("main",)))
+    lines += ["### Recipes (every quantized recipe keeps the last block in high precision)", "",
+              "| recipe | final val loss (per seed) | vs bf16 (%) | verdict | vs nvfp4 (%) | step time vs bf16 |",
+              "|---|---|---|---|---|---|"]
+    for name in MAIN:
+        losses = recipe_losses(results, name)
+        if not losses:
             continue
-        lines += [f"### {title}", "", "| recipe | final val loss (per seed) | mean ± sd | gap vs bf16, paired: mean [95% interval] (per seed) | step time vs bf16 |",
-                  "|---|---|---|---|---|"]
-        for r in rows:
-            ms = [results[n]["step_ms_median"] for n in results if results[n]["definition"]["recipe"] == r["recipe"]
-                  and results[n]["definition"]["study"] == study]
-            lines.append(
-                f"| {r['recipe']} | {', '.join(f'{v:.4f}' for v in r['losses'])} | {r['mean']:.4f} ± {r['sd']:.4f} | "
-                f"{fmt_gap(r)} | {statistics.fmean(ms) / base_ms:.2f}x |"
-            )
-        lines.append("")
-    if "nvfp4_s0" in results and "bf16_s0" in results:
-        curve = val_gap_curve(results["nvfp4_s0"], results["bf16_s0"])
-        lines += ["### nvfp4 gap over training (seed 0)", "",
-                  "| step | " + " | ".join(str(s) for s, _ in curve) + " |",
-                  "|---|" + "---|" * len(curve),
-                  "| gap | " + " | ".join(f"{g:+.2f}%" for _, g in curve) + " |", ""]
-    targets = check_targets(results)
-    if targets:
-        lines += ["### Targets", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
-    body = "\n".join(lines)
+        g = paired_gap(results, name, "bf16") if name != "bf16" else None
+        v = paired_gap(results, name, "nvfp4") if name != "nvfp4" else None
+        lines.append(f"| {name} | {', '.join(f'{losses[s]:.4f}' for s in sorted(losses))} | {interval(g)} | "
+                     f"{verdict(g) if g else '-'} | {interval(v)} | "
+                     f"{statistics.fmean(step_ms(results, name, ('main',))) / base_ms:.2f}x |")
+    lines += ["", "### Every block in FP4", "", "| recipe | vs bf16 (%) | vs the same format, last block in high "
+              "precision (%) | verdict |", "|---|---|---|---|"]
+    for variant, own in (("nvfp4_all_fp4", "nvfp4"), ("mxfp4_all_fp4", "mxfp4"), ("fp4_naive_all_fp4", "fp4_naive")):
+        d = paired_gap(results, variant, own, ("all_fp4",))
+        lines.append(f"| {variant} | {interval(paired_gap(results, variant, 'bf16', ('all_fp4',)))} | {interval(d)} | "
+                     f"{verdict(d, 'worse', 'better')} |")
+    lines += ["", "### nvfp4 variants against nvfp4 of the same seed", "",
+              "| recipe | study | vs nvfp4 (%) | verdict | step time vs bf16 |", "|---|---|---|---|---|"]
+    for run in dict.fromkeys((r.recipe, r.study) for r in STUDY if r.study in INGREDIENT_STUDIES):
+        recipe, study = run
+        if not recipe.startswith("nvfp4"):
+            continue
+        p = paired_gap(results, recipe, "nvfp4", INGREDIENT_STUDIES)
+        ms = step_ms(results, recipe, (study,))
+        lines.append(f"| {recipe} | {study} | {interval(p)} | {verdict(p, 'worse', 'better')} | "
+                     f"{statistics.fmean(ms) / base_ms:.2f}x |" if ms else f"| {recipe} | {study} | - | not stored | - |")
+    control = paired_gap(results, "nvfp4_hp_final", "nvfp4_hp_eval", ("final_hp",))
+    lines += ["", f"Final stretch against its control (nvfp4_hp_final vs nvfp4_hp_eval, both evaluated in high "
+              f"precision): {interval(control)} %, {verdict(control, 'worse', 'better')}.", ""]
+    long_gap = paired_gap(results, "nvfp4_hp_final", "bf16", ("length",)) if any(
+        r["definition"]["study"] == "length" for r in results.values()) else None
+    long_runs = {r["seed"]: r for r in results.values() if r["definition"]["study"] == "length"}
+    if long_gap is not None and long_runs:
+        steps = next(iter(long_runs.values()))["definition"]["steps"]
+        base_long = recipe_losses(results, "bf16", ("length",))
+        hp_long = recipe_losses(results, "nvfp4_hp_final", ("length",))
+        lines += [f"### {steps} steps (4x)", "",
+                  f"nvfp4_hp_final vs bf16 at {steps} steps, seeds {sorted(set(base_long) & set(hp_long))}: "
+                  f"{interval(long_gap)} %; at 400 steps (final_hp study): "
+                  f"{interval(paired_gap(results, 'nvfp4_hp_final', 'bf16', ('final_hp',)))} %.", ""]
+    lines += ["### Targets", ""]
+    for t in check_targets(results):
+        lines.append(f"- {t.name}: {dict([(True, 'met'), (False, 'NOT met'), (None, 'runs missing')])[t.met]} "
+                     f"({t.detail})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    body = report()
     print(body)
     if not args.no_write:
         write_section("study", body)

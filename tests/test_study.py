@@ -208,3 +208,18 @@ def test_paired_intervals_verdicts_and_power():
     assert ex.seeds_needed(1.0, 0.5) < ex.seeds_needed(1.0, 1.0) < ex.seeds_needed(0.5, 1.0)
     with pytest.raises(ValueError, match="empty"):
         ex.paired_difference([])
+
+
+def test_results_md_reports_the_stored_study():
+    """benchmarks/RESULTS.md's study section is what study_report writes from the stored results."""
+    import importlib.util
+    import re
+
+    root = Path(fp4lib.__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("study_report", root / "benchmarks" / "study_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    stored = re.search(r"<!-- study:start -->\n(.*?)\n<!-- study:end -->",
+                       (root / "benchmarks" / "RESULTS.md").read_text(), re.S)
+    assert stored, "RESULTS.md has no study section"
+    assert stored.group(1) == report.report().rstrip(), "run: python benchmarks/study_report.py"

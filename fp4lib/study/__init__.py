@@ -52,7 +52,8 @@ The studies (:data:`~fp4lib.study.definition.STUDIES`), all at the ci size:
 * ``beyond`` -- two ingredients from after NVIDIA's recipe: block scales rounded up
   so that stochastic rounding is unbiased at block maxima, and four-over-six;
 * each of these with seeds 0 to 2;
-* ``length`` -- bf16, nvfp4 and nvfp4_hp_final at 1,600 steps (4x), seeds 0 and 1;
+* ``length`` -- bf16 and nvfp4_hp_final (NVIDIA's end-phase switch) at 1,600 steps (4x),
+  seeds 0 and 1;
 * ``underflow`` -- why naive fails: a bf16 run that captures the attention
   output-projection gradient dY at a few steps and measures the fraction of its
   entries that per-tensor and per-block FP4 scales send to zero;
