@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fp4lib import train, training
+from fp4lib.recipes import RECIPES
 from fp4lib.trainer import TrainingDiverged
 
 
@@ -45,6 +46,12 @@ def test_last_line_parses_and_resume_continues(tmp_path, capsys):
     steps = [json.loads(l).get("step") for l in (Path(out) / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_named_recipe_trains_from_the_command_line(tmp_path, capsys, recipe):
+    code, stdout, _ = run_main(capsys, "--recipe", recipe, "--steps", "2", "--out", str(tmp_path), *FAST)
+    assert code == 0 and final_loss(stdout) > 0
 
 
 def test_module_runs_as_a_script(tmp_path):
