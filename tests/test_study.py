@@ -185,6 +185,25 @@ def test_summary_and_targets():
     assert {t.name: t for t in ex.check_targets(results)}["fp8 within 1% of bf16 and below nvfp4"].met is None
 
 
+def test_only_nvfp4_ingredients_count_and_pairs_have_the_same_length():
+    def rec(recipe, seed, loss, study="main", steps=400):
+        return {"definition": {"recipe": recipe, "seed": seed, "study": study, "steps": steps}, "final_val_loss": loss}
+
+    results = {f"{r}_{s}": rec(r, s, 2.0 + 0.01 * s + (0.05 if r == "nvfp4" else 0))
+               for r in ("bf16", "nvfp4") for s in range(3)}
+    # another format quantizing every block, and the evaluation control: resolved against nvfp4, yet no ingredient
+    results.update({f"naive_all_{s}": rec("fp4_naive_all_fp4", s, 3.0 + 0.01 * s, "all_fp4") for s in range(3)})
+    results.update({f"hp_eval_{s}": rec("nvfp4_hp_eval", s, 2.03 + 0.0101 * s, "final_hp") for s in range(3)})
+    target = {t.name: t for t in ex.check_targets(results)}["at least one ingredient resolved against nvfp4"]
+    assert target.met is False and target.detail == "none resolved at this scale"
+    assert ex.paired_gap(results, "nvfp4_hp_eval", "nvfp4", ("final_hp",)).resolved
+    # a long run is paired with the baseline's long run, not with the main study's shorter one
+    results.update({f"bf16_long_{s}": rec("bf16", s, 1.4 + 0.01 * s, "length", 1600) for s in range(2)})
+    results.update({f"nv_long_{s}": rec("nvfp4_hp_final", s, 1.45 + 0.012 * s, "length", 1600) for s in range(2)})
+    p = ex.paired_gap(results, "nvfp4_hp_final", "bf16", ("length",))
+    assert p.diffs == pytest.approx([100 * (1.45 / 1.4 - 1), 100 * (1.462 / 1.41 - 1)])
+
+
 def test_unknown_run_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         study_main(["run", "--only", "nope"])
