@@ -22,6 +22,7 @@ from fp4lib.study import (INGREDIENT_STUDIES, STUDY, check_targets, load_results
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "results"
 MAIN = ("bf16", "fp8", "nvfp4", "mxfp4", "fp4_naive")
+TARGET_STATE = {True: "met", False: "NOT met", None: "runs missing"}
 
 
 def interval(p) -> str:
@@ -107,7 +108,7 @@ def report(results_dir: Path = RESULTS_DIR) -> str:
                   f"{interval(paired_gap(results, 'nvfp4_hp_final', 'bf16', ('final_hp',)))} %.", ""]
     lines += ["### Targets", ""]
     for t in check_targets(results):
-        lines.append(f"- {t.name}: {dict([(True, 'met'), (False, 'NOT met'), (None, 'runs missing')])[t.met]} "
+        lines.append(f"- {t.name}: {TARGET_STATE[t.met]} "
                      f"({t.detail})")
     return "\n".join(lines)
 

@@ -190,7 +190,8 @@ def gemm_operand(q: QuantizedTensor):
 def _check_gemm_pair(a: QuantizedTensor, b: QuantizedTensor) -> None:
     if a.scheme != b.scheme:
         raise ValueError(f"both operands need the same scheme, got {a.scheme!r} and {b.scheme!r}")
-    _row_block_scales(a), _row_block_scales(b)
+    for q in (a, b):
+        _row_block_scales(q)  # raises for anything but a 2-D MXFP4/NVFP4 tensor
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a @ b.T needs the same K (last axis): a is {tuple(a.shape)}, b is {tuple(b.shape)}")
 
