@@ -1,7 +1,12 @@
 """The study (fp4lib.study): provenance, staleness, the re-run check's two modes, summaries."""
 
+import ast
+import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,7 @@ import torch
 
 import fp4lib
 from fp4lib import study as ex
-from fp4lib.study import definition
+from fp4lib.study import behaviour, definition
 from fp4lib.study.__main__ import main as study_main
 from fp4lib.study.runner import REFERENCE_KEYS
 from fp4lib.recipes import RECIPES
@@ -26,6 +31,9 @@ TINY = [ex.Run("tiny_nvfp4", "nvfp4", steps=3, preset="tiny", study="repro"),
 @pytest.fixture
 def tiny_study(monkeypatch, tmp_path):
     monkeypatch.setattr(definition, "STUDY", TINY)
+    # the training canary (every recipe, half a minute) stands in as a fixed digest here;
+    # test_training_digest_follows_training_numbers runs the real one
+    monkeypatch.setattr(behaviour, "training_digest", lambda: "canary-of-these-tests")
     results = tmp_path / "results"
     for run in TINY:
         ex.run_experiment(run, results, tmp_path / "runs", backend="fused", progress=False)
@@ -43,31 +51,63 @@ def test_study_is_well_formed():
         assert (args.recipe, args.steps, args.seed) == (run.recipe, run.steps, run.seed)
 
 
-def test_code_hash_ignores_docs_but_not_code(tmp_path):
+def _digest_in(package_root: Path, expr: str) -> str:
+    """``expr`` evaluated in a fresh interpreter that imports fp4lib from ``package_root``."""
+    code = f"import fp4lib.study.behaviour as b; print({expr})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=package_root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(package_root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_numerics_digest_follows_numbers_not_files(tmp_path):
     pkg = Path(fp4lib.__file__).parent
-    copy = tmp_path / "pkg"
+    copy = tmp_path / "fp4lib"
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    base = ex.code_hash(package_dir=copy)
-    assert base == ex.code_hash()
-    nn_py = copy / "nn.py"
-    text = nn_py.read_text()
-    nn_py.write_text(text.replace('"""FP4 linear layers', '"""FP4 linear layers (edited docs)', 1) + "\n# a comment\n")
-    assert ex.code_hash(package_dir=copy) == base
-    nn_py.write_text(text.replace("_EVAL_CALL = -1", "_EVAL_CALL = -2"))
-    assert ex.code_hash(package_dir=copy) != base
-    nn_py.write_text(text)
-    # the hooks that produce stored numbers count too: the underflow capture, the record
-    diag = copy / "diagnostics.py"
-    diag.write_text(diag.read_text().replace("rec[name] = underflow_report(dy.cpu())", "rec[name] = underflow_report(dy)"))
-    assert ex.code_hash(package_dir=copy) != base
-    shutil.copy(pkg / "diagnostics.py", diag)
-    runner = copy / "study" / "runner.py"
-    runner.write_text(runner.read_text().replace('"step_ms_median": ms[len(ms) // 2]', '"step_ms_median": ms[0]'))
-    assert ex.code_hash(package_dir=copy) != base
-    shutil.copy(pkg / "study" / "runner.py", runner)
-    check = copy / "study" / "check.py"
-    check.write_text(check.read_text().replace("TOLERANCE_FACTOR = 3.0", "TOLERANCE_FACTOR = 4.0"))
-    assert ex.code_hash(package_dir=copy) == base  # the check's own settings are not the study's code
+    base = behaviour.numerics_digest()
+    # a number-producing function moved to a module of its own, and its docs edited: still current
+    scaling = copy / "scaling.py"
+    text = scaling.read_text()
+    tree = ast.parse(text)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "nvfp4_block_scales")
+    lines = text.splitlines(keepends=True)
+    body = "".join(lines[fn.lineno - 1:fn.end_lineno])
+    # the new module sees scaling's names as the function did; scaling imports it back at its end
+    (copy / "moved.py").write_text("from . import scaling as _scaling\n\n"
+                                   "globals().update({k: v for k, v in vars(_scaling).items() if k[:2] != '__'})\n\n\n"
+                                   + body.replace('"""', '"""Moved here. ', 1))
+    scaling.write_text(text.replace(body, "") + "\nfrom .moved import nvfp4_block_scales  # noqa: E402\n")
+    assert "def nvfp4_block_scales" not in scaling.read_text()
+    assert _digest_in(tmp_path, "b.numerics_digest()") == base
+    # one constant changed: stale
+    constants = copy / "constants.py"
+    constants.write_text(constants.read_text().replace("NVFP4_4OVER6_SCALE_MAX = 256.0", "NVFP4_4OVER6_SCALE_MAX = 224.0"))
+    assert _digest_in(tmp_path, "b.numerics_digest()") != base
+
+
+def test_numerics_digest_is_the_same_under_other_cpu_kernels(tmp_path):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    out = subprocess.run([sys.executable, "-c", "import fp4lib.study.behaviour as b; print(b.numerics_digest())"],
+                         capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == behaviour.numerics_digest()
+
+
+def test_training_digest_follows_training_numbers(monkeypatch):
+    from fp4lib import training
+
+    base = behaviour.training_digest(recipes=("nvfp4_hp_final",))
+    assert behaviour.training_digest(recipes=("nvfp4_hp_final",)) == base
+    tiny = training.PRESETS["tiny"]
+    monkeypatch.setitem(training.PRESETS, "tiny", dataclasses.replace(tiny, train=dataclasses.replace(
+        tiny.train, lr=tiny.train.lr * (1 + 2 ** -20))))
+    assert behaviour.training_digest(recipes=("nvfp4_hp_final",)) != base
+
+
+def test_stored_study_is_current_by_behaviour():
+    """The stored results carry the digests of the code that made them, and today's code computes them."""
+    stored = behaviour.load_behaviour(ex.DEFAULT_RESULTS if ex.DEFAULT_RESULTS.is_dir() else
+                                      Path(__file__).parents[1] / "experiments" / "results")
+    assert stored["numerics"] == behaviour.numerics_digest()
 
 
 def test_result_records_provenance(tiny_study):
@@ -76,6 +116,9 @@ def test_result_records_provenance(tiny_study):
     assert len(rec["train_losses"]) == 3 and rec["val_losses"][-1][0] == 3
     assert rec["final_val_loss"] == rec["val_losses"][-1][1]
     assert rec["code_hash"] == ex.code_hash() and len(rec["corpus"]["sha256"]) == 64
+    assert rec["behaviour"]["numerics"] == behaviour.numerics_digest()
+    stored = behaviour.load_behaviour(tiny_study)
+    assert rec["behaviour"]["id"] == stored["id"] and stored["training"][0]["digest"] == "canary-of-these-tests"
     assert rec["command"].startswith("python -m fp4lib.train --recipe nvfp4 --preset tiny --steps 3 --seed 0")
     assert {"cpu", "cores", "torch_threads", "python", "torch"} <= set(rec["machine"])
     assert rec["seed"] == 0 and rec["torch"] == torch.__version__
@@ -87,6 +130,9 @@ def test_results_of_another_torch_version_are_stale(tiny_study):
     rec["torch"] = "2.0.0"
     path.write_text(json.dumps(rec))
     assert ex.stale_results(tiny_study, TINY) == {"tiny_bf16": f"made with torch 2.0.0, here {torch.__version__}"}
+    rec["torch"] = torch.__version__.split("+")[0] + "+someotherbuild"  # a build tag is not another release
+    path.write_text(json.dumps(rec))
+    assert ex.stale_results(tiny_study, TINY) == {}
 
 
 def test_repro_record_carries_its_environment_as_a_reference(tiny_study):
@@ -130,15 +176,27 @@ def test_tolerance_band_needs_two_environments():
         ex.tolerance_band([{"train_losses": [1.0], "val_losses": []}])
 
 
-def test_stale_results_are_named(tiny_study):
+def test_stale_results_are_named(tiny_study, monkeypatch):
     assert ex.stale_results(tiny_study, TINY) == {}
     path = tiny_study / "tiny_bf16.json"
     rec = json.loads(path.read_text())
-    rec["code_hash"] = "0" * 64
+    rec["code_hash"] = "0" * 64  # where the code came from is information, not a verdict
+    path.write_text(json.dumps(rec))
+    assert ex.stale_results(tiny_study, TINY, training=True) == {}
+    rec["behaviour"]["id"] = "0" * 16
     path.write_text(json.dumps(rec))
     (tiny_study / "tiny_nvfp4.json").unlink()
     stale = ex.stale_results(tiny_study, TINY)
-    assert stale["tiny_nvfp4"] == "missing" and "made by other code" in stale["tiny_bf16"]
+    assert stale["tiny_nvfp4"] == "missing" and "behaviour id differs" in stale["tiny_bf16"]
+    # today's training steps compute other numbers than the stored ones, here: every result is stale
+    monkeypatch.setattr(behaviour, "training_digest", lambda: "another-canary")
+    assert "training computes other numbers" in ex.stale_results(tiny_study, TINY[1:], training=True)["tiny_bf16"]
+    assert ex.stale_results(tiny_study, TINY[1:]) != {}
+
+
+def test_results_dir_missing_is_named(tmp_path):
+    with pytest.raises(ValueError, match="results directory .* not found"):
+        ex.stale_results(tmp_path / "nowhere")
 
 
 def test_check_passes_when_fresh_and_reproduced(tiny_study, capsys):
@@ -155,11 +213,12 @@ def test_check_fails_on_stale_or_changed_results(tiny_study, capsys):
     assert study_main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]) == 1
     err = capsys.readouterr().err
     assert "mode exact" in err and "differ from the stored ones by up to 0.001" in err
-    rec["code_hash"] = "f" * 64
+    rec["behaviour"]["numerics"] = "f" * 64
+    rec["behaviour"]["id"] = "f" * 16
     path.write_text(json.dumps(rec))
     assert study_main(["--results", str(tiny_study), "check"]) == 1
     err = capsys.readouterr().err
-    assert "tiny_nvfp4: made by other code" in err and "python -m fp4lib.study run --only tiny_nvfp4" in err
+    assert "tiny_nvfp4: made by code whose behaviour" in err and "python -m fp4lib.study run --only tiny_nvfp4" in err
 
 
 def test_summary_and_targets():

@@ -12,19 +12,22 @@
 Each run (:data:`STUDY`) trains the tiny GPT with one recipe and seed and writes
 ``experiments/results/<name>.json``: final validation loss, the loss and
 validation curves, step times, and how it was made -- the equivalent CLI command,
-the seed, the machine, the torch and Python versions, the corpus hash and a hash
-of the code that affects training (:func:`code_hash`). Chapter 5 plots these
-files (:func:`load_results`, :func:`summary`) and trains one short comparison
-live.
+the seed, the machine, the torch and Python versions, the corpus hash, a hash of
+the code that made it (:func:`code_hash`) and the behaviour digests of that code
+(:mod:`fp4lib.study.behaviour`). Chapter 5 plots these files
+(:func:`load_results`, :func:`summary`) and trains one short comparison live.
 
-``check`` fails when a stored result was made by different code (code hash), with
-another torch version, on a different corpus (corpus hash), with a different run
-definition, or is missing, and names the command that refreshes it. It then
+Provenance follows behaviour, not files: ``check`` fails when today's code computes
+other numbers than the code that made the stored results (the quantizer digest,
+and the training digest where one was stored for this numeric environment), when
+a result was made with another torch release or on another corpus, when its run
+definition changed, or when it is missing, and names the command that refreshes
+it. Moving, renaming or documenting code leaves the results current. It then
 re-runs the cheap :data:`REPRO_RUN` and compares its losses with the stored ones,
 in one of two modes, and says which:
 
 * **exact**, where the stored record holds a reference run made in this numeric
-  environment (:func:`numeric_fingerprint`: torch version, ATen's CPU kernel set,
+  environment (:func:`numeric_fingerprint`: torch release, ATen's CPU kernel set,
   the processor's vector instructions, oneDNN/MKL, threads, device, precision):
   every loss must be identical, bit for bit;
 * **tolerance**, elsewhere: every loss must lie within :data:`TOLERANCE_FACTOR`

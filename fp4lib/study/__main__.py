@@ -15,7 +15,8 @@ from . import DEFAULT_RESULTS, DEFAULT_RUNS, __doc__ as STUDY_DOC
 from .check import load_results, rerun_verdict, stale_results
 from . import definition
 from .definition import Run
-from .provenance import code_hash, describe_environment
+from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest, training_entry
+from .provenance import code_hash, describe_environment, numeric_fingerprint, same_environment
 from .runner import REFERENCE_KEYS, run_experiment
 
 
@@ -38,18 +39,19 @@ def cmd_run(args) -> int:
         torch.set_num_threads(args.threads)
     runs = _select(args.only, args.study)
     if args.stale:
-        stale = stale_results(args.results, runs)
+        stale = stale_results(args.results, runs, training=True)
         runs = [r for r in runs if r.name in stale]
     start_hash = code_hash()  # the code this process runs (imported at start)
+    digests = (numerics_digest(), training_digest()) if runs else None
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name}: {run.command()}", flush=True)
         rec = run_experiment(run, Path(args.results), Path(args.runs), backend=args.backend,
-                             progress=not args.no_progress, code_hash_value=start_hash)
+                             progress=not args.no_progress, code_hash_value=start_hash, digests=digests)
         print(f"  final val_loss {rec['final_val_loss']:.4f}, median step {rec['step_ms_median']:.0f} ms, "
               f"{rec['wall_s']:.0f} s", flush=True)
-    if code_hash() != start_hash:
-        print("warning: fp4lib's code changed while the study ran; the results carry the hash of the code at "
-              "the start and will show as stale", file=sys.stderr)
+    if runs and numerics_digest() != digests[0]:
+        print("warning: fp4lib's quantizers changed while the study ran; the results made before the change "
+              "will show as stale", file=sys.stderr)
         return 1
     return 0
 
@@ -80,7 +82,7 @@ def _rerun(name: str, results_dir, backend: str) -> Tuple[dict, dict]:
 
 
 def cmd_check(args) -> int:
-    stale = stale_results(args.results, definition.STUDY)
+    stale = stale_results(args.results, definition.STUDY, training=True)
     if stale:
         print(f"study check FAILED: {len(stale)} stored result(s) are missing or stale for the current code:",
               file=sys.stderr)
@@ -90,7 +92,13 @@ def cmd_check(args) -> int:
         print(f"refresh with:  python -m fp4lib.study run --stale   (or: make experiments)\n"
               f"  or only these: python -m fp4lib.study run --only {only}", file=sys.stderr)
         return 1
-    print(f"all {len(definition.STUDY)} stored results match code hash {code_hash()[:12]} and torch {torch.__version__}")
+    behaviour = load_behaviour(args.results)
+    here = training_entry(behaviour, canary_fingerprint())
+    print(f"all {len(definition.STUDY)} stored results are current: today's quantizers compute the stored numerics "
+          f"digest {behaviour['numerics'][:12]}, " + (
+              f"and the training canary reproduces the digest stored for this environment ({here['digest'][:12]})"
+              if here else "and no training digest was stored for this environment (the re-run below checks training)")
+          + f"; torch {torch.__version__}")
     if args.no_rerun:
         return 0
     stored, fresh = _rerun(args.rerun, args.results, args.backend)
@@ -109,8 +117,10 @@ def cmd_reference(args) -> int:
     if stale:
         raise ValueError(f"{name} is not current ({stale[name]}); run it first: python -m fp4lib.study run --only {name}")
     stored, fresh = _rerun(name, args.results, args.backend)
+    store_behaviour(args.results, numerics_digest(), canary_fingerprint(), training_digest())
     entry = {k: fresh[k] for k in REFERENCE_KEYS}
-    refs = [r for r in stored.get("references", []) if r.get("fingerprint") != entry["fingerprint"]] + [entry]
+    refs = [r for r in stored.get("references", [])
+            if not same_environment(r.get("fingerprint") or {}, entry["fingerprint"])] + [entry]
     stored["references"] = refs
     path = Path(args.results) / f"{name}.json"
     tmp = path.with_suffix(".tmp")

@@ -10,11 +10,11 @@ import torch
 
 from . import definition
 from .definition import Run
-from .provenance import code_hash, describe_environment
+from .provenance import describe_environment, same_environment, torch_release
 from .runner import REFERENCE_KEYS
 
-__all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "stale_results", "compare_losses",
-           "tolerance_band", "rerun_verdict"]
+__all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "read_record", "stale_results",
+           "behaviour_problem", "compare_losses", "tolerance_band", "rerun_verdict"]
 
 TOLERANCE_FACTOR = 3.0
 """Tolerance mode allows this many times the largest difference measured between the
@@ -34,7 +34,7 @@ def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str
     for name in wanted:
         path = results_dir / f"{name}.json"
         if path.is_file():
-            out[name] = json.loads(path.read_text())
+            out[name] = read_record(path)
     return out
 
 
@@ -45,31 +45,65 @@ def _current_corpus_sha(preset: str) -> str:
     return load_corpus(None, PRESETS[preset].corpus_bytes).sha256
 
 
-def stale_results(results_dir, runs: Optional[Sequence[Run]] = None) -> Dict[str, str]:
+def behaviour_problem(results_dir, training: bool = False) -> Optional[str]:
+    """Why the stored study's code and today's code compute other numbers, or ``None``.
+
+    Compares :func:`~fp4lib.study.behaviour.numerics_digest` with the stored one,
+    and with ``training`` also :func:`~fp4lib.study.behaviour.training_digest`
+    where one was stored for this numeric environment.
+    """
+    from .behaviour import BEHAVIOUR_FILE, canary_fingerprint, load_behaviour, numerics_digest, training_digest, training_entry
+    stored = load_behaviour(results_dir)
+    if stored is None:
+        return f"no {BEHAVIOUR_FILE} in {results_dir}: nothing says what the code that made the results computes"
+    now = numerics_digest()
+    if stored["numerics"] != now:
+        return (f"the quantizers compute other numbers (numerics digest {stored['numerics'][:12]} stored, "
+                f"{now[:12]} now)")
+    if training:
+        entry = training_entry(stored, canary_fingerprint())
+        if entry is not None:
+            digest = training_digest()
+            if entry["digest"] != digest:
+                return (f"training computes other numbers in this environment (training digest "
+                        f"{entry['digest'][:12]} stored, {digest[:12]} now)")
+    return None
+
+
+def stale_results(results_dir, runs: Optional[Sequence[Run]] = None, training: bool = False) -> Dict[str, str]:
     """Runs whose stored result is missing or stale, with the reason (empty: all fresh).
 
-    Stale means: made by other code (:func:`code_hash`, the re-run check's
-    references included), with another torch version, with another run
-    definition, or on another corpus.
+    Stale means: made by code that computes other numbers than today's
+    (:func:`behaviour_problem`; ``training=True`` also runs the training canary,
+    about half a minute), with another torch release, with another run
+    definition, or on another corpus. Moving, renaming or documenting code leaves
+    results current.
     """
+    from .behaviour import load_behaviour
+
     runs = definition.STUDY if runs is None else runs
-    current = code_hash()
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ValueError(f"results directory {str(results_dir)!r} not found (run from the repository root, or "
+                         "pass --results DIR)")
+    problem = behaviour_problem(results_dir, training)
+    current_id = (load_behaviour(results_dir) or {}).get("id")
+    release = torch_release(torch.__version__)
     corpus_sha: Dict[str, str] = {}
     problems = {}
     for run in runs:
-        path = Path(results_dir) / f"{run.name}.json"
+        path = results_dir / f"{run.name}.json"
         if not path.is_file():
             problems[run.name] = "missing"
             continue
-        rec = json.loads(path.read_text())
-        if rec.get("code_hash") != current:
-            problems[run.name] = f"made by other code (code hash {str(rec.get('code_hash'))[:12]}, now {current[:12]})"
+        rec = read_record(path)
+        if problem:
+            problems[run.name] = problem
             continue
-        old_refs = [r for r in rec.get("references", []) if r.get("code_hash") != current]
-        if old_refs:
-            problems[run.name] = f"{len(old_refs)} re-run reference(s) made by other code"
+        if (rec.get("behaviour") or {}).get("id") != current_id:
+            problems[run.name] = "made by code whose behaviour is not the stored study's (behaviour id differs)"
             continue
-        if rec.get("torch") != torch.__version__:
+        if torch_release(rec.get("torch", "")) != release:
             problems[run.name] = f"made with torch {rec.get('torch')}, here {torch.__version__}"
             continue
         if rec.get("definition") != run.definition():
@@ -81,6 +115,18 @@ def stale_results(results_dir, runs: Optional[Sequence[Run]] = None) -> Dict[str
             problems[run.name] = (f"made on another corpus ({rec.get('corpus', {}).get('name')}, sha256 "
                                   f"{str(rec.get('corpus', {}).get('sha256'))[:12]}; here {corpus_sha[run.preset][:12]})")
     return problems
+
+
+def read_record(path) -> dict:
+    """One stored result, or ``ValueError`` naming the file when it is not a JSON object."""
+    path = Path(path)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable result ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: a result is a JSON object, found a {type(rec).__name__}")
+    return rec
 
 
 def _points(record: dict) -> List[Tuple[int, float]]:
@@ -139,7 +185,7 @@ def rerun_verdict(stored: dict, fresh: dict) -> Tuple[bool, str]:
     """
     refs = stored.get("references") or [{k: stored[k] for k in REFERENCE_KEYS if k in stored}]
     fp = fresh["fingerprint"]
-    same_env = [r for r in refs if r.get("fingerprint") == fp]
+    same_env = [r for r in refs if same_environment(r.get("fingerprint") or {}, fp)]
     if same_env:
         diff = compare_losses(same_env[0], fresh)
         if diff == 0:

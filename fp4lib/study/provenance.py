@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["CODE_FILES", "PACKAGE_DIR", "FINGERPRINT_ENV", "code_hash", "numeric_fingerprint", "machine_info",
-           "describe_environment"]
+           "describe_environment", "torch_release", "comparable_fingerprint", "same_environment"]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the fp4lib package, whose code is hashed
 
@@ -23,10 +23,16 @@ CODE_FILES = (
 )
 """The code of ``fp4lib`` that decides a run's stored numbers: whole modules, and
 ``module.py:function`` for the one function of the study that makes a record (the
-underflow capture hook it installs lives in ``diagnostics.py``)."""
+underflow capture hook it installs lives in ``diagnostics.py``). Recorded with each
+result as where it came from; whether a result is current is decided by what the
+code computes (:mod:`fp4lib.study.behaviour`), not by this hash."""
 
 FINGERPRINT_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-                   "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
+                   "DNNL_MAX_CPU_ISA")
+"""Environment variables that steer which CPU kernels run. The thread count is
+recorded as the number torch uses, whatever set it (``OMP_NUM_THREADS`` or
+``torch.set_num_threads``)."""
+_NOT_NUMERIC_ENV = ("OMP_NUM_THREADS",)  # recorded by older fingerprints; the thread count already says it
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -127,6 +133,46 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def torch_release(version: str) -> str:
+    """A torch version without its local build tag: ``"2.13.0+cpu"`` and ``"2.13.0"`` are one release.
+
+    Examples
+    --------
+    >>> torch_release("2.13.0+cpu"), torch_release("2.13.0")
+    ('2.13.0', '2.13.0')
+    """
+    return str(version).split("+", 1)[0]
+
+
+def comparable_fingerprint(fp: dict) -> dict:
+    """The parts of a :func:`numeric_fingerprint` that decide numbers, in one form.
+
+    The torch release without its build tag (the ``+cpu`` build of PyPI's CPU
+    index and the default build run the same kernels on a CPU), and the
+    environment variables without ``OMP_NUM_THREADS`` and ``ATEN_CPU_CAPABILITY``
+    (the thread count and the kernel set are recorded as such).
+    """
+    out = dict(fp)
+    out["torch"] = torch_release(fp.get("torch", ""))
+    out["env"] = {k: v for k, v in (fp.get("env") or {}).items()
+                  if k not in _NOT_NUMERIC_ENV and k != "ATEN_CPU_CAPABILITY"}
+    return out
+
+
+def same_environment(a: dict, b: dict) -> bool:
+    """Whether two fingerprints name one numeric environment (:func:`comparable_fingerprint`).
+
+    Examples
+    --------
+    >>> fp = numeric_fingerprint()
+    >>> same_environment(fp, dict(fp, torch=fp["torch"] + "+local", env={"OMP_NUM_THREADS": "1"}))
+    True
+    >>> same_environment(fp, dict(fp, threads=fp["threads"] + 1))
+    False
+    """
+    return comparable_fingerprint(a) == comparable_fingerprint(b)
 
 
 def describe_environment(fp: dict) -> str:

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -20,15 +20,21 @@ REFERENCE_KEYS = ("fingerprint", "code_hash", "final_val_loss", "train_losses", 
 
 
 def run_experiment(run: Run, results_dir: Path, runs_dir: Path, backend: str = "auto",
-                   progress: bool = True, write: bool = True, code_hash_value: Optional[str] = None) -> dict:
+                   progress: bool = True, write: bool = True, code_hash_value: Optional[str] = None,
+                   digests: Optional[Tuple[str, str]] = None) -> dict:
     """Train ``run`` and return (and, with ``write``, store) its result record.
 
     ``code_hash_value``: the :func:`code_hash` of the code that runs (default:
-    computed now, before training).
+    computed now, before training). ``digests``: its ``(numerics, training)``
+    digests (:mod:`fp4lib.study.behaviour`; default: computed now, with ``write``),
+    stored in ``behaviour.json`` beside the result.
     """
     from ..training import PRESETS, run_training
+    from .behaviour import canary_fingerprint, numerics_digest, store_behaviour, training_digest
 
     code_hash_value = code_hash_value or code_hash()
+    if write and digests is None:
+        digests = (numerics_digest(), training_digest())
 
     captured: Dict[str, dict] = {}
     hooks = []
@@ -72,6 +78,7 @@ def run_experiment(run: Run, results_dir: Path, runs_dir: Path, backend: str = "
     if run.study == "repro":  # the re-run check's references: one per numeric environment
         record["references"] = [{k: record[k] for k in REFERENCE_KEYS}]
     if write:
+        record["behaviour"] = store_behaviour(results_dir, digests[0], canary_fingerprint(), digests[1])
         results_dir = Path(results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         path = results_dir / f"{run.name}.json"
