@@ -21,7 +21,7 @@ from .recipes import RECIPES, apply_recipe, get_recipe, mxfp4_recipe, naive_reci
 from .model import GPT, GPTConfig
 from .trainer import Trainer, TrainConfig, TrainingDiverged
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 __all__ = [
     "E2M1",

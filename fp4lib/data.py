@@ -1,30 +1,32 @@
 """Training text: an offline corpus of bytes, split into training and validation.
 
-The default corpus is **the source code of the Python standard library** of the
-interpreter running the code. It needs no download, so it is there wherever
-Python runs (CI included). It is built deterministically:
+The default corpus is **the source code of CPython 3.11.7's standard library**, shipped
+with fp4lib (``fp4lib/corpora/``, gzip, 2.8 MB for 12.1 MB of text) under the Python
+Software Foundation License (``LICENSE-python.txt`` beside it). Every interpreter,
+every operating system and every Colab kernel trains on the same bytes, and loading
+checks them against :data:`BUNDLED_SHA256`. It was built by :func:`stdlib_corpus`
+from that interpreter:
 
 1. every ``*.py`` file under ``sysconfig.get_paths()["stdlib"]``, skipping the
    directories in :data:`STDLIB_EXCLUDED_DIRS` (installed packages, and the test
    suites, which some Linux distributions ship separately);
 2. sorted by relative POSIX path;
 3. each file as a header line ``# ==== <relative path> ====`` then its raw bytes
-   and a newline, concatenated;
-4. cut at :data:`DEFAULT_MAX_BYTES` (8 MiB) bytes.
+   and a newline, concatenated.
 
-Tokens are the bytes themselves (a vocabulary of 256). The last
-:data:`VAL_FRACTION` (10%) of the tokens is the validation split.
+A preset reads the first ``corpus_bytes`` of it (the book's ``ci`` preset
+:data:`DEFAULT_MAX_BYTES`, 8 MiB). Tokens are the bytes themselves (a vocabulary of
+256). The last :data:`VAL_FRACTION` (10%) of the tokens is the validation split.
 
-Different Python versions ship different standard libraries, so the corpus (and
-every loss measured on it) depends on the version: its SHA-256 is recorded with
-each run, and a changed corpus shows up as a changed hash. On Colab (a different
-Python) the hash, and the losses, differ from the book's. Any other text file
-works too (``--corpus PATH``); nothing is ever downloaded here.
+Any other text file works too (``--corpus PATH``), and :func:`stdlib_corpus` builds
+the corpus from the running interpreter's own library (other Python versions give
+other text). Its SHA-256 is recorded with every run; nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import os
 import sysconfig
@@ -42,6 +44,9 @@ __all__ = [
     "Corpus",
     "stdlib_files",
     "stdlib_corpus",
+    "BUNDLED_CORPUS",
+    "BUNDLED_SHA256",
+    "bundled_corpus",
     "text_corpus",
     "load_corpus",
     "split_tokens",
@@ -53,6 +58,11 @@ DEFAULT_MAX_BYTES = 8 * 1024 * 1024  # 8 MiB
 VAL_FRACTION = 0.1
 VOCAB_SIZE = 256  # byte tokens
 FILE_HEADER = "# ==== {path} ====\n"
+BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpora" / "python-stdlib-3.11.7.txt.gz"
+"""The shipped corpus: :func:`stdlib_corpus` of CPython 3.11.7 (Linux), every file, gzip-compressed."""
+BUNDLED_SHA256 = "8b10e5f1e8a1308e8496e89fef79e72ec3bb41ebd0be9bb114b02ac6fc465636"
+"""SHA-256 of the shipped corpus's 12,142,937 bytes (734 files). The first 8 MiB, the
+``ci`` preset's cut, hash to ``e25e71053e02...``."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ def stdlib_files(root: Optional[str] = None) -> List[Path]:
 
 @functools.lru_cache(maxsize=4)
 def stdlib_corpus(max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> Corpus:
-    """The default corpus: the standard library's source, concatenated (see the module docs).
+    """The running interpreter's standard library, concatenated as the shipped corpus was (see the module docs).
 
     ``max_bytes``: cut the concatenation there (``None``: keep everything).
 
@@ -141,6 +151,45 @@ def stdlib_corpus(max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> Corpus:
     return Corpus(data=data, name=f"python-stdlib-{version}", source=str(root), n_files=n_files, sha256=_sha256(data))
 
 
+@functools.lru_cache(maxsize=1)
+def _bundled_bytes() -> bytes:
+    try:
+        data = gzip.decompress(BUNDLED_CORPUS.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"the shipped corpus {BUNDLED_CORPUS} is missing: reinstall fp4lib, or train on a text file "
+                         "with --corpus PATH") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"the shipped corpus {BUNDLED_CORPUS} cannot be read ({e}): reinstall fp4lib") from None
+    digest = _sha256(data)
+    if digest != BUNDLED_SHA256:
+        raise ValueError(f"the shipped corpus {BUNDLED_CORPUS} has SHA-256 {digest[:16]}..., not the expected "
+                         f"{BUNDLED_SHA256[:16]}...: the file was changed or damaged; reinstall fp4lib")
+    return data
+
+
+def bundled_corpus(max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> Corpus:
+    """The default corpus: the shipped standard-library text (see the module docs), its first ``max_bytes``.
+
+    ``max_bytes``: where to cut (``None``: all 12.1 MB). Raises ``ValueError`` when the
+    shipped file is missing or its bytes are not the expected ones.
+
+    Examples
+    --------
+    >>> c = bundled_corpus()
+    >>> c.name, len(c), c.n_files, c.sha256[:12]
+    ('python-stdlib-3.11', 8388608, 571, 'e25e71053e02')
+    """
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive or None, got {max_bytes!r}")
+    data = _bundled_bytes()
+    if max_bytes is not None:
+        data = data[:max_bytes]
+    header = FILE_HEADER.split("{")[0].encode()  # b"# ==== "
+    n_files = data.count(b"\n" + header) + data.startswith(header)
+    return Corpus(data=data, name="python-stdlib-3.11", source=f"fp4lib/corpora/{BUNDLED_CORPUS.name}",
+                  n_files=n_files, sha256=_sha256(data))
+
+
 def text_corpus(path: str, max_bytes: Optional[int] = None) -> Corpus:
     """Any file read as bytes (e.g. a downloaded book), optionally cut at ``max_bytes``."""
     p = Path(path)
@@ -153,8 +202,8 @@ def text_corpus(path: str, max_bytes: Optional[int] = None) -> Corpus:
 
 
 def load_corpus(path: Optional[str] = None, max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> Corpus:
-    """The standard-library corpus (``path=None``) or a text file."""
-    return stdlib_corpus(max_bytes) if path is None else text_corpus(path, max_bytes)
+    """The shipped standard-library corpus (``path=None``, :func:`bundled_corpus`) or a text file."""
+    return bundled_corpus(max_bytes) if path is None else text_corpus(path, max_bytes)
 
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float = VAL_FRACTION) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     source = tmp_path_factory.mktemp("source")  # a copy, so that the build leaves the checkout alone
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "LICENSE-BOOK.md"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "fp4lib", source / "fp4lib", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("site")
@@ -51,3 +51,28 @@ def test_the_installed_cli_trains_and_the_study_takes_its_results_path(installed
     listing = _run(["-m", "fp4lib.study", "--results", str(ROOT / "experiments" / "results"), "list"], elsewhere, env)
     assert listing.returncode == 0, listing.stderr
     assert "repro_nvfp4_hp_final_s0" in listing.stdout
+
+
+def test_the_installed_package_carries_its_corpus_types_version_and_licenses(installed):
+    target, elsewhere, env = installed
+    assert (target / "fp4lib" / "py.typed").is_file()
+    assert (target / "fp4lib" / "corpora" / "LICENSE-python.txt").is_file()
+    code = ("import fp4lib, importlib.metadata as m; from fp4lib.data import load_corpus; "
+            "print(fp4lib.__version__, m.version('fp4lib'), load_corpus(None).sha256)")
+    out = _run(["-c", code], elsewhere, env)
+    assert out.returncode == 0, out.stderr
+    version, meta_version, sha = out.stdout.split()
+    assert version == meta_version and sha.startswith("e25e71053e02")
+    dist = next(target.glob("fp4lib-*.dist-info"))
+    licenses = {p.name for p in dist.rglob("LICENSE*")}
+    assert {"LICENSE", "LICENSE-BOOK.md", "LICENSE-python.txt"} <= licenses, licenses
+
+
+def test_citation_names_the_package_version():
+    import re
+
+    import fp4lib
+
+    cff = (ROOT / "CITATION.cff").read_text()
+    assert re.search(r'^version: "([^"]+)"$', cff, re.M).group(1) == fp4lib.__version__
+    assert (ROOT / "LICENSE").read_text().count("Apache License") >= 2 and (ROOT / "LICENSE-BOOK.md").is_file()

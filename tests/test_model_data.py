@@ -1,12 +1,15 @@
 """The tiny GPT (fp4lib.model) and the offline corpus (fp4lib.data)."""
 
+import gzip
 import math
+import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from fp4lib import data
 from fp4lib.data import (
     DEFAULT_MAX_BYTES,
     STDLIB_EXCLUDED_DIRS,
@@ -88,6 +91,35 @@ def test_stdlib_corpus_is_deterministic_and_cut():
     assert a.data.startswith(b"# ==== " + first.name.encode())
     assert a.name.startswith("python-stdlib-") and a.info()["sha256"] == a.sha256
     assert DEFAULT_MAX_BYTES == 8 * 1024 * 1024
+
+
+def test_bundled_corpus_is_the_default_everywhere():
+    """The shipped bytes, whatever the interpreter: the study's corpus (its SHA-256 is in every stored run)."""
+    full = data.bundled_corpus(None)
+    assert full.sha256 == data.BUNDLED_SHA256 and len(full) == 12_142_937 and full.n_files == 734
+    ci = load_corpus(None, DEFAULT_MAX_BYTES)
+    assert ci.sha256 == "e25e71053e0281fd82f3b5143f668e005925372487b5cfcc8761ac91b45e9192" and ci.n_files == 571
+    assert full.data.startswith(ci.data) and (data.BUNDLED_CORPUS.parent / "LICENSE-python.txt").is_file()
+    if sys.version_info[:3] == (3, 11, 7):  # the interpreter it was made from rebuilds the same bytes
+        assert stdlib_corpus(None).sha256 == data.BUNDLED_SHA256
+
+
+def test_a_damaged_bundled_corpus_is_named(tmp_path, monkeypatch):
+    bad = tmp_path / "corpus.txt.gz"
+    bad.write_bytes(gzip.compress(b"not the corpus"))
+    monkeypatch.setattr(data, "BUNDLED_CORPUS", bad)
+    data._bundled_bytes.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="has SHA-256 .* not the expected"):
+            load_corpus(None)
+        bad.write_bytes(b"garbage")
+        with pytest.raises(ValueError, match="cannot be read"):
+            data._bundled_bytes.__wrapped__()
+        monkeypatch.setattr(data, "BUNDLED_CORPUS", tmp_path / "absent.gz")
+        with pytest.raises(ValueError, match="is missing"):
+            data._bundled_bytes.__wrapped__()
+    finally:
+        data._bundled_bytes.cache_clear()
 
 
 def test_text_corpus_and_load_corpus(tmp_path):
