@@ -23,14 +23,15 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(INDUCTOR_CACHE)/aten-$(or $(ATEN_CPU_CAPABIL
 CROSS_KERNEL_ENV := ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-default
 
 # MathJax, served from the book's own _static: pages typeset their math with no request
-# to another host. Taken from the npm registry at install time (npm from apt if absent).
-MATHJAX_VERSION := 3.2.2
+# to another host. MathJax 3.2.2's files come from a pip package (requirements.txt), so
+# no root, npm or network beyond PyPI is needed.
 MATHJAX := book/_static/mathjax/tex-chtml.js
 
-.PHONY: help venv mathjax book test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
+.PHONY: help venv mathjax book read test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
 
 help:
 	@echo "make book         build the executed book into _build/html"
+	@echo "make read         render the book from the outputs stored in the notebooks (no execution)"
 	@echo "make test         unit tests, doctests, notebook checks, book build, browser check"
 	@echo "make experiments  run the full training study (slow) and store its results"
 	@echo "make benchmark    quantize speed benchmark -> benchmarks/RESULTS.md"
@@ -47,18 +48,21 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's chromium and its driver, for the browser check.
+# The browser check's Chromium (or Chrome) and chromedriver: the ones installed, else
+# Debian's packages where this runs as root with apt-get, else a message that says
+# what is missing and how to get it.
 chromium:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	@if ! $(PY) tests/browser_check.py --find >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  fi; \
+	  $(PY) tests/browser_check.py --find; \
 	fi
 
-$(MATHJAX):
-	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
-	rm -rf .cache/mathjax book/_static/mathjax
-	mkdir -p .cache/mathjax book/_static/mathjax
-	cd .cache/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null && tar -xzf mathjax-$(MATHJAX_VERSION).tgz
-	cp -r .cache/mathjax/package/es5/. book/_static/mathjax/
+$(MATHJAX): $(STAMP)
+	rm -rf book/_static/mathjax
+	mkdir -p book/_static/mathjax
+	cp -r "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mathjax/static/mathjax/es5/." book/_static/mathjax/
 	test -f $(MATHJAX)
 
 mathjax: $(MATHJAX)
@@ -95,10 +99,11 @@ cross-kernel: venv
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study check
 	$(CROSS_KERNEL_ENV) $(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-browser-check: chromium
+browser-check: venv chromium
 	$(PY) tests/browser_check.py _build/html
 
-test: venv chromium
+test: venv
+	$(MAKE) chromium
 	$(MAKE) unit
 	$(MAKE) experiments-check
 	# The notebooks under the machine's own CPU kernels and under ATen's portable ones,
@@ -125,6 +130,11 @@ benchmark: venv
 # Re-execute every chapter and store its outputs in the .ipynb (what nbval compares).
 notebooks: venv
 	$(PY) tests/store_outputs.py
+
+# The book as stored (the outputs saved in the notebooks), rendered without executing
+# anything: a minute, no training.
+read: build-book-stored
+	@echo "Book (stored outputs): $(CURDIR)/_build/html/index.html"
 
 clean:
 	rm -rf _build

@@ -15,13 +15,15 @@ host: every script, stylesheet and other resource the page fetched (as the brows
 resource timing lists them) comes from the build itself. It prints one line per page and exits non-zero if any check fails. With
 ``--screenshots DIR`` it saves a full-page PNG of every page there, for a human look.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium
-chromium-driver``) and the ``selenium`` package.
+Needs a Chromium or Chrome browser and its ``chromedriver`` (found on PATH, or named
+by ``$CHROMIUM`` and ``$CHROMEDRIVER``; Debian's ``chromium`` and ``chromium-driver``
+packages, for one) and the ``selenium`` package.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -29,8 +31,22 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+MACOS_BROWSERS = ("/Applications/Chromium.app/Contents/MacOS/Chromium",
+                  "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome")
+HOW_TO_GET = ("install Chromium or Chrome and its chromedriver (Debian/Ubuntu: sudo apt-get install chromium "
+              "chromium-driver; macOS: brew install --cask chromium chromedriver), or name them with "
+              "CHROMIUM=/path/to/browser CHROMEDRIVER=/path/to/chromedriver")
+
+
+def find_browser() -> tuple:
+    """``(browser, chromedriver)`` paths: ``$CHROMIUM``/``$CHROMEDRIVER`` if set, else the first on PATH
+    (or in macOS's /Applications); ``None`` for what is not there."""
+    browser = os.environ.get("CHROMIUM") or next(
+        (shutil.which(n) for n in BROWSER_NAMES if shutil.which(n)), None) or next(
+        (p for p in MACOS_BROWSERS if Path(p).exists()), None)
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+    return browser, driver
 COLAB_PREFIX = "https://colab.research.google.com/github/"
 WINDOW = (1400, 1000)  # CSS pixels; screenshots keep this width
 
@@ -88,12 +104,12 @@ def expected_figures(page: str) -> int | None:
     return count
 
 
-def make_driver(user_data_dir: str):
+def make_driver(user_data_dir: str, browser: str, chromedriver: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = browser
     for arg in (
         "--headless=new",
         "--no-sandbox",
@@ -108,7 +124,7 @@ def make_driver(user_data_dir: str):
         f"--user-data-dir={user_data_dir}",
     ):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(120)
     return driver
 
@@ -277,24 +293,31 @@ def screenshot(driver, path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("html_dir", type=Path, help="the built HTML, e.g. _build/html")
+    parser.add_argument("html_dir", type=Path, nargs="?", help="the built HTML, e.g. _build/html")
+    parser.add_argument("--find", action="store_true", help="only say which browser and driver would be used")
     parser.add_argument("--screenshots", type=Path, default=None, help="save a full-page PNG per page here")
     args = parser.parse_args(argv)
-
+    browser, chromedriver = find_browser()
+    missing = [name for name, path in (("a Chromium or Chrome browser", browser), ("chromedriver", chromedriver))
+               if not path or not Path(path).exists()]
+    if missing:
+        print(f"FAIL: the browser check needs {' and '.join(missing)}, not found: {HOW_TO_GET}", file=sys.stderr)
+        return 2
+    if args.find:
+        print(f"browser {browser}, driver {chromedriver}")
+        return 0
+    if args.html_dir is None:
+        parser.error("html_dir is required (the built HTML, e.g. _build/html)")
     html_dir = args.html_dir.resolve()
     if not (html_dir / "index.html").exists():
         print(f"FAIL: {html_dir / 'index.html'} does not exist; build the book first", file=sys.stderr)
         return 2
-    for exe in (CHROMIUM, CHROMEDRIVER):
-        if not Path(exe).exists():
-            print(f"FAIL: {exe} not found (apt-get install -y chromium chromium-driver)", file=sys.stderr)
-            return 2
     if args.screenshots:
         args.screenshots.mkdir(parents=True, exist_ok=True)
 
     pages = toc_pages()
     user_data_dir = tempfile.mkdtemp(prefix="book-browser-check-")
-    driver = make_driver(user_data_dir)
+    driver = make_driver(user_data_dir, browser, chromedriver)
     failures = 0
     try:
         for i, (page, is_index) in enumerate([(pages[0], True)] + [(p, False) for p in pages]):
