@@ -13,13 +13,40 @@ from .definition import Run
 from .provenance import code_hash, describe_environment
 from .runner import REFERENCE_KEYS
 
-__all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "stale_results", "compare_losses",
-           "tolerance_band", "rerun_verdict"]
+__all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "read_result", "stale_results", "compare_losses",
+           "tolerance_band", "rerun_verdict", "require_results_dir"]
 
 TOLERANCE_FACTOR = 3.0
 """Tolerance mode allows this many times the largest difference measured between the
 stored environments' runs (up to the same step)."""
 TOLERANCE_FLOOR = 1e-5
+
+
+def require_results_dir(results_dir) -> Path:
+    """``results_dir`` as a path if it is a directory; else a ``ValueError`` saying where it was looked for."""
+    path = Path(results_dir)
+    if not path.is_dir():
+        raise ValueError(f"the results directory {str(path)!r} was not found (looked in {Path.cwd()}); run from the "
+                         f"repository root or pass --results DIR")
+    return path
+
+
+def read_result(path) -> dict:
+    """One stored result record; a ``ValueError`` naming the file if it is empty, not JSON or not a JSON object."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})")
+    if not text.strip():
+        raise ValueError(f"{path}: empty; a stored result is a JSON object")
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); a stored result is a JSON object")
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: holds a JSON {type(rec).__name__}, not the JSON object of a stored result")
+    return rec
 
 
 def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str, dict]:
@@ -34,7 +61,7 @@ def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str
     for name in wanted:
         path = results_dir / f"{name}.json"
         if path.is_file():
-            out[name] = json.loads(path.read_text())
+            out[name] = read_result(path)
     return out
 
 
@@ -61,7 +88,11 @@ def stale_results(results_dir, runs: Optional[Sequence[Run]] = None) -> Dict[str
         if not path.is_file():
             problems[run.name] = "missing"
             continue
-        rec = json.loads(path.read_text())
+        try:
+            rec = read_result(path)
+        except ValueError as e:
+            problems[run.name] = f"unreadable: {e}"
+            continue
         if rec.get("code_hash") != current:
             problems[run.name] = f"made by other code (code hash {str(rec.get('code_hash'))[:12]}, now {current[:12]})"
             continue
