@@ -30,11 +30,12 @@ empty unless told to overwrite it; an overwriting run leaves the previous run's
 checkpoint and metrics in place until its own first checkpoint replaces them
 (its metrics go to ``metrics.jsonl.new`` until then).
 
-**Test hook.** ``FP4LIB_TEST_FAULT=POINT@STEP[@RANK]`` makes the process exit at
-once (``os._exit(86)``, no clean-up) when a save of step ``STEP`` reaches
-``POINT`` (:data:`FAULT_POINTS`), on every rank or only on ``RANK``; the point
-``stall`` makes the rank sleep before training step ``STEP`` instead. The tests
-use it to simulate crashes and stalled ranks; it is not meant for anything else.
+**Test hook.** ``FP4LIB_TEST_FAULT=POINT@STEP[@RANK[@stall]]`` makes the process
+exit at once (``os._exit(86)``, no clean-up) when a save of step ``STEP`` reaches
+``POINT`` (:data:`FAULT_POINTS`), on every rank or only on ``RANK``; with
+``@stall`` the rank sleeps there instead (an hour), and the point ``stall`` makes
+it sleep before training step ``STEP``. The tests use it to simulate crashes and
+stalled ranks; it is not meant for anything else.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def fault(point: str, step: int, rank: int = 0) -> None:
     parts = spec.split("@")
     if parts[0] != point or len(parts) < 2 or int(parts[1]) != step:
         return
-    if len(parts) > 2 and int(parts[2]) != rank:
+    if len(parts) > 2 and parts[2] and int(parts[2]) != rank:
         return
-    if point == "stall":
+    if point == "stall" or parts[3:4] == ["stall"]:
         time.sleep(3600)
     os._exit(FAULT_EXIT)
 

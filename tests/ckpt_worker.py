@@ -33,7 +33,7 @@ def main() -> int:
                              resume=job.get("resume", False), overwrite=job.get("overwrite", False),
                              backend="fused", device="cpu", progress=False, trainer_factory=make)
             results.append({"train_losses": r.train_losses, "val_losses": [list(v) for v in r.val_losses],
-                            "resumed_from": r.resumed_from})
+                            "resumed_from": r.resumed_from, "comm": r.info.get("grad_comm_bytes_per_step")})
         except ValueError as e:
             results.append({"error": str(e)})
     if base.is_main:
