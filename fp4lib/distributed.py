@@ -24,11 +24,17 @@ What stays as in one process, and what is per rank:
 * **Logging.** Rank 0 alone writes ``metrics.jsonl``, shows the progress bar and
   prints the summary; every logged loss is the mean over the ranks, so all ranks
   take the same decisions (the divergence guard stops all of them at one step).
-* **Checkpoints.** ``torch.distributed.checkpoint`` writes the model and optimizer
-  (sharded under FSDP2) to ``ckpt_dcp/``, each rank its data and RNG state to
-  ``rank<r>.pt``, and rank 0 the step and history to ``ckpt.pt``, last, so that
-  ``ckpt.pt`` always names a complete checkpoint. Resuming needs the same number
-  of processes.
+* **Checkpoints.** All or nothing (:mod:`fp4lib.checkpoint`): into a fresh staging
+  directory ``torch.distributed.checkpoint`` writes the model and optimizer
+  (sharded under FSDP2) to ``dcp/``, each rank its data and RNG state to
+  ``rank<r>.pt``; after a barrier rank 0 adds the step and history (``ckpt.pt``)
+  and the manifest (every file's SHA-256, the world size, the mode,
+  ``amax_reduce``, ``grad_comm`` and the run's facts), then makes the directory
+  current with one atomic rename. Resuming verifies the manifest on every rank
+  and needs the same number of processes and the same settings.
+* **Stalls.** The process group is created with a timeout (``--collective-timeout``):
+  a rank that waits longer than that in a collective stops the run with a message
+  naming the rank(s) that did not answer (:func:`describe_timeout`).
 * **Per-tensor amax.** By default each rank scales an operand by its own amax, as
   a single process does for its batch; ``amax_reduce=True`` takes the maximum
   over the ranks first (an all-reduce of one number per quantized operand), so
@@ -41,9 +47,11 @@ What stays as in one process, and what is per rank:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -52,17 +60,22 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import checkpoint
+from .checkpoint import CHECKPOINT_FILE, RunDirError
 from .fake_quant import mix_seed, tensor_amax_reduction
 from .nn import FP4Linear
-from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, default_loss
+from .trainer import TrainConfig, Trainer, default_loss
 
 __all__ = ["DIST_MODES", "World", "init_world", "RankShare", "DataParallelTrainer", "trainer_factory",
            "rank_seed", "DCP_DIR", "CommLog", "counting_allreduce_hook", "fp8_allreduce_hook",
-           "gradient_comm_bytes", "weight_gather_bytes"]
+           "gradient_comm_bytes", "weight_gather_bytes", "DEFAULT_COLLECTIVE_TIMEOUT", "is_timeout",
+           "describe_timeout"]
 
 DIST_MODES = ("ddp", "fsdp")
 GRAD_COMM = ("fp32", "fp8")  # DDP's gradient all-reduce: as is, or FP8 with one scale per bucket
-DCP_DIR = "ckpt_dcp"
+DCP_DIR = "dcp"  # inside a checkpoint directory
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
+"""Seconds a rank waits in a collective (a step's all-reduce, a checkpoint's barrier) before giving up."""
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -75,20 +88,26 @@ class World:
     local_rank: int
     device: torch.device
     mode: str
+    timeout: float = DEFAULT_COLLECTIVE_TIMEOUT
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_world(mode: str, device: str = "auto") -> World:
+def init_world(mode: str, device: str = "auto", timeout: Optional[float] = None) -> World:
     """Join the process group that ``torchrun`` set up (NCCL on CUDA, gloo on a CPU).
 
-    Raises ``ValueError`` for an unknown ``mode`` or when the process was not
+    ``timeout``: seconds a collective may wait for the other ranks (default
+    :data:`DEFAULT_COLLECTIVE_TIMEOUT`). Raises ``ValueError`` for an unknown
+    ``mode``, a timeout that is not a positive number, or when the process was not
     started by ``torchrun`` (its ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are unset).
     """
     if mode not in DIST_MODES:
         raise ValueError(f"dist must be one of {DIST_MODES}, got {mode!r}")
+    timeout = DEFAULT_COLLECTIVE_TIMEOUT if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"the collective timeout must be a positive number of seconds, got {timeout!r}")
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
         raise ValueError(f"--dist {mode} needs torchrun ({', '.join(missing)} unset): run "
@@ -98,8 +117,35 @@ def init_world(mode: str, device: str = "auto") -> World:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return World(rank, world_size, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), mode)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    return World(rank, world_size, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), mode,
+                 float(timeout))
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that gave up waiting for the other ranks."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def describe_timeout(world: World) -> str:
+    """One line for a collective that timed out on this rank, naming the rank(s) that
+    did not answer: with two processes the other one; otherwise rank 0 asks the
+    others to a ``monitored_barrier`` (gloo) and names those that do not come."""
+    others = [r for r in range(world.world_size) if r != world.rank]
+    silent = others if len(others) == 1 else None
+    if silent is None and dist.is_initialized() and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=min(world.timeout, 10.0)),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:
+            m = re.search(r"[Rr]anks? ([\d, ]+) failed", str(e))
+            if m:
+                silent = [int(x) for x in re.findall(r"\d+", m.group(1))] or None
+    who = (f"rank {silent[0]}" if silent and len(silent) == 1 else
+           f"ranks {', '.join(map(str, silent))}" if silent else "another rank")
+    return (f"rank {world.rank}: a collective operation waited more than --collective-timeout {world.timeout:g} s; "
+            f"{who} stalled or died")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -175,6 +221,7 @@ class DataParallelTrainer(Trainer):
             raise ValueError(f"grad_comm={grad_comm!r} is a DDP communication hook; FSDP2 reduce-scatters its own")
         self.world = world
         self.amax_reduce = amax_reduce
+        self.grad_comm = grad_comm
         self.comm = CommLog()
         self._fp4 = [m for m in model.modules() if isinstance(m, FP4Linear)]
         self._base_seeds = [m.seed for m in self._fp4]
@@ -203,19 +250,39 @@ class DataParallelTrainer(Trainer):
         if self.world.is_main:
             super()._log(record)
 
-    def train(self, resume: bool = False):
+    @contextlib.contextmanager
+    def _claim(self, resume: bool, overwrite: bool):
+        """Rank 0 holds the output directory (lock, checks); every rank learns the outcome,
+        so that all of them stop together when it is refused."""
+        with contextlib.ExitStack() as stack:
+            held, refusal = None, None
+            if self.world.is_main:
+                try:
+                    held = stack.enter_context(super()._claim(resume, overwrite))
+                except RunDirError as e:
+                    refusal = (str(e), e.argument)
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                raise RunDirError(box[0][0], argument=box[0][1])
+            yield held
+
+    def manifest_fields(self) -> dict:
+        return dict(super().manifest_fields(), kind="distributed", world_size=self.world.world_size,
+                    dist=self.world.mode, amax_reduce=self.amax_reduce, grad_comm=self.grad_comm)
+
+    def train(self, resume: bool = False, overwrite: bool = False):
         def group_max(amax: torch.Tensor) -> torch.Tensor:
             amax = amax.clone()
             dist.all_reduce(amax, op=dist.ReduceOp.MAX)
             return amax
 
-        steps_before = self.step
         if self.amax_reduce:
             with tensor_amax_reduction(group_max):
-                result = super().train(resume=resume)
+                result = super().train(resume=resume, overwrite=overwrite)
         else:
-            result = super().train(resume=resume)
-        steps = result.steps - steps_before
+            result = super().train(resume=resume, overwrite=overwrite)
+        steps = result.steps - (result.resumed_from or 0)  # the steps this process ran (and counted)
         if self.world.mode == "ddp" and steps:
             per_step = {"payload": self.comm.payload / steps, "wire": self.comm.wire / steps}
             result.info["grad_comm_bytes_per_step"] = per_step
@@ -229,54 +296,54 @@ class DataParallelTrainer(Trainer):
         return get_state_dict(self.model, self.optimizer)
 
     def save_checkpoint(self) -> None:
+        """Every rank's part of an all-or-nothing checkpoint (see the module docs)."""
         if self.out_dir is None:
             return
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = self._state_dicts()
-        tmp, final = self.out_dir / (DCP_DIR + ".tmp"), self.out_dir / DCP_DIR
-        if self.world.is_main and tmp.exists():
-            shutil.rmtree(tmp)
+        rank = self.world.rank
+        if self.world.is_main:
+            checkpoint.stage(self.out_dir, self.step)
         dist.barrier()
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        staging = checkpoint.stage(self.out_dir, self.step, clear=False)
+        checkpoint.fault("before_rank_files", self.step, rank)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(staging / DCP_DIR))
         torch.save({"data_generator": self.data_generator.get_state(), "torch_rng": torch.get_rng_state()},
-                   self.out_dir / f"rank{self.world.rank}.pt")
+                   staging / f"rank{rank}.pt")
         dist.barrier()
         if self.world.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            checkpoint.fault("before_manifest", self.step, rank)
             state = {"step": self.step, "best_loss": self.best_loss, "world_size": self.world.world_size,
-                     "history": {"train_losses": self.train_losses, "val_losses": self.val_losses,
-                                 "step_ms": self.step_ms},
-                     "config": dataclasses.asdict(self.config), "run_info": self.run_info}
-            ckpt_tmp = self.checkpoint_path.with_suffix(".tmp")
-            torch.save(state, ckpt_tmp)
-            os.replace(ckpt_tmp, self.checkpoint_path)
+                     "history": self._history(), "config": dataclasses.asdict(self.config),
+                     "run_info": self.run_info}
+            torch.save(state, staging / CHECKPOINT_FILE)
+            checkpoint.write_manifest(staging, self.step, self.manifest_fields(), self.run_id)
+            checkpoint.commit(self.out_dir, staging, self.step, rank)
         dist.barrier()
+        self._committed(checkpoint.current_checkpoint(self.out_dir))
 
     def load_checkpoint(self, path: Optional[str] = None) -> int:
+        """Verify (on every rank) and restore this rank's part of the current checkpoint; returns its step."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        marker = Path(path) if path else self.checkpoint_path
-        if marker is None or not marker.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {marker}")
-        state = torch.load(marker, map_location="cpu", weights_only=False)
-        if state.get("world_size") != self.world.world_size:
-            raise ValueError(f"the checkpoint in {marker.parent} was written by {state.get('world_size')} "
-                             f"process(es); resume it with the same number, not {self.world.world_size}")
+        ckpt_dir = self._find_checkpoint(path)
+        manifest = checkpoint.verify(ckpt_dir, self.manifest_fields())
+        state = checkpoint.torch_load(ckpt_dir / CHECKPOINT_FILE)
         model_sd, optim_sd = self._state_dicts()
         sd = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(sd, checkpoint_id=str(marker.parent / DCP_DIR))
+        dcp.load(sd, checkpoint_id=str(ckpt_dir / DCP_DIR))
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
         self._set_rank_seeds()  # the stored extra state holds one rank's seeds
-        mine = torch.load(marker.parent / f"rank{self.world.rank}.pt", weights_only=False)
+        mine = checkpoint.torch_load(ckpt_dir / f"rank{self.world.rank}.pt")
         self.data_generator.set_state(mine["data_generator"])
         torch.set_rng_state(mine["torch_rng"])
         self.step, self.best_loss = int(state["step"]), float(state["best_loss"])
         for name, values in state["history"].items():  # train_losses, val_losses, step_ms
             setattr(self, name, [tuple(v) if name == "val_losses" else v for v in values])
+        self.run_id = manifest.get("run_id")
+        self._checkpoint_dir = ckpt_dir
         return self.step
 
 

@@ -3,16 +3,22 @@
 ::
 
     python -m fp4lib.train --recipe nvfp4 --preset ci --steps 400 --seed 0 --out runs/nvfp4
-    python -m fp4lib.train --recipe nvfp4 --out runs/nvfp4 --resume      # continue from ckpt.pt
+    python -m fp4lib.train --recipe nvfp4 --out runs/nvfp4 --resume      # continue from its checkpoint
+    python -m fp4lib.train --recipe nvfp4 --out runs/nvfp4 --overwrite   # start that run again
     python -m fp4lib.train --recipe bf16 --corpus mybook.txt              # any text file
     torchrun --standalone --nproc_per_node=2 -m fp4lib.train --recipe nvfp4 --dist ddp   # or --dist fsdp
 
 The last line printed is ``final val_loss: <number>`` (nats per byte); outside
 checks read it. Errors (unknown recipe, a missing or too short corpus, steps <= 0,
-``--dist`` outside ``torchrun``, a batch that does not divide over the processes)
-exit with status 2 and a message naming the argument; a diverged run exits with
-status 1 and a message naming the step. Under ``torchrun`` with ``--dist`` the run is
-data-parallel (:mod:`fp4lib.distributed`); rank 0 alone prints.
+a seed, thread count or device out of bounds, ``--dist`` outside ``torchrun``, a
+batch that does not divide over the processes, an ``--out`` that is a file, not
+writable, in use by another run, or not empty without ``--resume`` or
+``--overwrite``, a checkpoint that is corrupt or was made by another run) exit
+with status 2 and one line naming the argument or file; a diverged run, and a
+collective that timed out (``--collective-timeout``), exit with status 1 and a
+message naming the step or the rank. Under ``torchrun`` with ``--dist`` the run is
+data-parallel (:mod:`fp4lib.distributed`); rank 0 alone prints. Checkpoints and the
+output directory's guard: :mod:`fp4lib.checkpoint`.
 
 Sizes: :data:`fp4lib.training.PRESETS`. The engine is :mod:`fp4lib.training`;
 this module is its command line.
@@ -21,22 +27,79 @@ this module is its command line.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
+from .checkpoint import RunDirError
 from .fake_quant import BACKEND_CHOICES
 from .recipes import RECIPES
-from .trainer import CHECKPOINT_FILE, TrainingDiverged
+from .trainer import TrainingDiverged
 from .training import GPU_RUNTIME_NOTE, PRESETS, Preset, build_run, run_training
 
 __all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training", "main", "make_parser",
            "FINAL_LINE_PREFIX"]
 
 FINAL_LINE_PREFIX = "final val_loss: "
+SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; mix_seed hashes them
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {text!r}")
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {v}")
+    return v
+
+
+def _threads(text: str) -> int:
+    cpus = os.cpu_count() or 1
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (this machine's CPUs), got {text!r}")
+    if not 1 <= v <= cpus:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (this machine's CPUs), got {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); else ``ValueError``
+    saying what is allowed here."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    allowed = "auto, cpu" + (", cuda or cuda:N (N < %d)" % torch.cuda.device_count() if cuda else "")
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device in ("auto", "cpu"):
+        return device
+    if m is None:
+        raise ValueError(f"unknown device {device!r}; allowed: {allowed}")
+    if not cuda:
+        raise ValueError(f"{device!r} asked for, but CUDA is not available here (torch {torch.__version__}); "
+                         f"allowed: {allowed}")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"{device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"allowed: {allowed}")
+    return device
 
 
 def _positive_int(text: str) -> int:
@@ -68,9 +131,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="bf16", choices=sorted(RECIPES), help="training recipe (default bf16)")
     p.add_argument("--preset", default="ci", choices=sorted(PRESETS), help="model/run size (default ci)")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and rounding noise")
-    p.add_argument("--out", default=None, help="output directory (default runs/<recipe>-<preset>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help=f"seed of initialisation, data order and rounding noise (0 to {SEED_MAX})")
+    p.add_argument("--out", default=None, help="output directory (default runs/<recipe>-<preset>-s<seed>); "
+                                                 "a new or empty one unless --resume or --overwrite")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its current checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (kept until the new run's first checkpoint)")
     p.add_argument("--corpus", default=None, metavar="PATH",
                    help="a text file to train on (default: the Python standard library's source)")
     p.add_argument("--hp-final-fraction", dest="hp_final_fraction", type=_fraction,
@@ -79,7 +146,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fake-quant implementation (all give identical numbers; auto = compiled if possible)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between validation losses")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for torch (default: torch's choice); results can depend on it in the last bits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dist", default=None, choices=distributed.DIST_MODES,
@@ -88,6 +155,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="with --dist: per-tensor scales from the maximum amax over the processes")
     p.add_argument("--grad-comm", dest="grad_comm", default="fp32", choices=distributed.GRAD_COMM,
                    help="with --dist ddp: send gradients as they are (fp32) or in FP8 with one scale per bucket")
+    p.add_argument("--collective-timeout", dest="collective_timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help=f"with --dist: how long a rank waits for the others in a collective before the run stops "
+                        f"(default {distributed.DEFAULT_COLLECTIVE_TIMEOUT:g})")
     return p
 
 
@@ -96,20 +166,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.corpus is not None and not Path(args.corpus).is_file():
         parser.error(f"argument --corpus: {args.corpus!r} does not exist or is not a file")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(f"argument --device: {e}")
     out = args.out or f"runs/{args.recipe}-{args.preset}-s{args.seed}"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.resume and not (Path(out) / CHECKPOINT_FILE).is_file():
-        parser.error(f"argument --resume: no checkpoint at {Path(out) / CHECKPOINT_FILE}")
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with --resume (one continues the run in --out, the other "
+                     "replaces it)")
+    try:
+        _precheck_out(Path(out), args.resume, args.overwrite)
+    except RunDirError as e:
+        parser.error(f"argument {e.argument}: {e}")
     if args.amax_reduce and not args.dist:
         parser.error("argument --amax-reduce: applies to a data-parallel run (--dist ddp or --dist fsdp)")
     if args.grad_comm != "fp32" and args.dist != "ddp":
         parser.error("argument --grad-comm: applies to --dist ddp (a DDP communication hook)")
+    if args.collective_timeout is not None and not args.dist:
+        parser.error("argument --collective-timeout: applies to a data-parallel run (--dist ddp or --dist fsdp)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:  # the checkpoint module's warnings (a partial metrics line, a stale lock)
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     extra = {}
     main_rank = True
+    world = None
     if args.dist:
         try:
-            world = distributed.init_world(args.dist, args.device)
+            world = distributed.init_world(args.dist, args.device, timeout=args.collective_timeout)
         except ValueError as e:
             parser.error(f"argument --dist: {e}")
         batch = PRESETS[args.preset].train.batch_size
@@ -121,13 +205,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                grad_comm=args.grad_comm)
     try:
         result = run_training(args.recipe, args.preset, steps=args.steps, seed=args.seed, out=out,
-                              resume=args.resume, corpus=args.corpus, backend=args.backend,
+                              resume=args.resume, overwrite=args.overwrite, corpus=args.corpus, backend=args.backend,
                               hp_final_fraction=args.hp_final_fraction, device=args.device,
                               eval_every=args.eval_every, progress=not args.no_progress,
                               log=print if main_rank else (lambda s: None), **extra)
     except TrainingDiverged as e:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RunDirError as e:
+        parser.error(f"argument {e.argument}: {e}")
+    except RuntimeError as e:
+        if world is None or not distributed.is_timeout(e):
+            raise
+        print(f"error: {distributed.describe_timeout(world)}", file=sys.stderr)
         return 1
     except ValueError as e:
         msg = str(e)
@@ -150,6 +241,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"metrics: {Path(out) / 'metrics.jsonl'}; median step {med:.0f} ms")
     print(f"{FINAL_LINE_PREFIX}{result.final_val_loss:.6f}")
     return 0
+
+
+def _precheck_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """The output directory's problems that show before any work: a file, a
+    directory that is not empty for a fresh run, no checkpoint to resume. (The run
+    itself takes the lock and checks again: :func:`fp4lib.checkpoint.claim`.)"""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} exists and is not a directory; --out needs a directory (new or a run's)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"{out} cannot be created: {parent} is a file, not a directory")
+            break
+    if resume:
+        if checkpoint.current_checkpoint(out) is None:
+            raise checkpoint.ResumeError(f"no checkpoint in {out} to resume from")
+    elif not overwrite and out.is_dir():
+        entries = sorted(p.name for p in out.iterdir() if p.name != checkpoint.LOCK_FILE)
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise RunDirError(f"{out} is not empty (it holds {shown}); add --resume to continue the run in it or "
+                              f"--overwrite to replace it (the previous run stays until the new one's first "
+                              f"checkpoint)")
 
 
 if __name__ == "__main__":

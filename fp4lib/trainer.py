@@ -12,7 +12,11 @@ batches drawn from a data object, and takes care of the rest --
 * a tqdm progress bar with the loss and tokens/s, and metrics as JSON lines
   (``metrics.jsonl``);
 * checkpoints (``ckpt.pt``: model, optimizer, data-sampler and RNG states, loss
-  history) and resume: a resumed run reproduces the uninterrupted run's losses;
+  history) and resume: a resumed run reproduces the uninterrupted run's losses.
+  Each checkpoint is a directory made current by one atomic rename, with a
+  manifest that a resume checks (:mod:`fp4lib.checkpoint`); a run holds its
+  output directory's lock, and a fresh run refuses a directory that is not empty
+  unless told to overwrite it;
 * a divergence guard: a NaN/Inf loss or gradient norm, or a loss above
   ``blowup_factor`` times the best loss so far, stops training with
   :class:`TrainingDiverged` naming the step, before the optimizer step and
@@ -36,11 +40,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from . import checkpoint
+from .checkpoint import CHECKPOINT_FILE, METRICS_FILE, MANIFEST_FILE
+
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "TrainingDiverged", "lr_at", "default_loss",
            "resolve_device", "METRICS_FILE", "CHECKPOINT_FILE"]
 
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "ckpt.pt"
 EVAL_SEED = 1234  # the validation batches are the same in every run
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -223,6 +228,9 @@ class Trainer:
         self.step_ms: List[float] = []
         self._val_batches = None
         self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.run_id: Optional[str] = None  # ties the checkpoints of one run to its metrics
+        self._metrics_file: Optional[Path] = None  # where records go (staged while replacing a previous run)
+        self._checkpoint_dir: Optional[Path] = None  # the checkpoint this run wrote or resumed
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -235,16 +243,49 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Optional[Path]:
-        return self.out_dir / CHECKPOINT_FILE if self.out_dir else None
+        """``ckpt.pt`` of the checkpoint this trainer last wrote or resumed (``None`` before either)."""
+        return self._checkpoint_dir / CHECKPOINT_FILE if self._checkpoint_dir else None
 
     @property
     def metrics_path(self) -> Optional[Path]:
         return self.out_dir / METRICS_FILE if self.out_dir else None
 
     def _log(self, record: dict) -> None:
+        """Append one record to the metrics file, as one line, flushed."""
         if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as f:
+            with open(self._metrics_file or self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+                f.flush()
+
+    def manifest_fields(self) -> dict:
+        """What a resume of this trainer's checkpoints must match (:data:`fp4lib.checkpoint.MANIFEST_FIELDS`)."""
+        info = self.run_info
+        corpus = info.get("corpus")
+        return {"kind": "plain", "world_size": 1, "dist": None, "amax_reduce": False, "grad_comm": "fp32",
+                "recipe": info.get("recipe"), "preset": info.get("preset"), "seed": self.config.seed,
+                "corpus_sha256": corpus.get("sha256") if isinstance(corpus, dict) else None,
+                "hp_final_fraction": info.get("hp_final_fraction"), "torch": torch.__version__}
+
+    def _find_checkpoint(self, path=None) -> Path:
+        """The checkpoint directory to resume: ``path`` (a checkpoint or an output
+        directory), else the output directory's current one."""
+        where = Path(path) if path else self.out_dir
+        if where is None:
+            raise FileNotFoundError("no checkpoint to resume from: the trainer has no output directory")
+        if (where / MANIFEST_FILE).is_file():
+            return where
+        found = checkpoint.current_checkpoint(where)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {where}")
+        return found
+
+    def _history(self) -> dict:
+        return {"train_losses": self.train_losses, "val_losses": self.val_losses, "step_ms": self.step_ms}
+
+    def _committed(self, ckpt_dir: Optional[Path]) -> None:
+        """After a checkpoint became current: the metrics are no longer staged."""
+        self._checkpoint_dir = ckpt_dir
+        self._metrics_file = self.metrics_path
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -263,8 +304,10 @@ class Trainer:
         return total / len(self._val_batches)
 
     def save_checkpoint(self) -> None:
-        """Write ``ckpt.pt`` atomically (a temporary file, then a rename)."""
-        if self.checkpoint_path is None:
+        """Write a checkpoint of the current step, all or nothing: ``ckpt.pt`` and the
+        manifest into a staging directory, made current by one atomic rename
+        (:func:`fp4lib.checkpoint.commit`). Does nothing without an output directory."""
+        if self.out_dir is None:
             return
         state = {
             "step": self.step,
@@ -274,20 +317,30 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "best_loss": self.best_loss,
-            "history": {"train_losses": self.train_losses, "val_losses": self.val_losses, "step_ms": self.step_ms},
+            "history": self._history(),
             "config": dataclasses.asdict(self.config),
             "run_info": self.run_info,
         }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        staging = checkpoint.stage(self.out_dir, self.step)
+        checkpoint.fault("before_rank_files", self.step)
+        torch.save(state, staging / CHECKPOINT_FILE)
+        checkpoint.fault("before_manifest", self.step)
+        checkpoint.write_manifest(staging, self.step, self.manifest_fields(), self.run_id)
+        self._committed(checkpoint.commit(self.out_dir, staging, self.step))
 
     def load_checkpoint(self, path: Optional[str] = None) -> int:
-        """Restore everything from a checkpoint; returns its step."""
-        path = Path(path) if path else self.checkpoint_path
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        """Restore everything from a checkpoint; returns its step.
+
+        ``path``: a checkpoint directory or an output directory (default this
+        trainer's). Raises ``FileNotFoundError`` when there is none, and
+        :class:`fp4lib.checkpoint.ResumeError` (a ``ValueError``) when a file is
+        corrupt or the checkpoint was made by a run this one does not continue.
+        """
+        ckpt_dir = self._find_checkpoint(path)
+        manifest = checkpoint.verify(ckpt_dir, self.manifest_fields())
+        state = checkpoint.torch_load(ckpt_dir / CHECKPOINT_FILE, map_location=self.device)
+        self.run_id = manifest.get("run_id")
+        self._checkpoint_dir = ckpt_dir
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.data_generator.set_state(state["data_generator"])
@@ -303,15 +356,14 @@ class Trainer:
         return self.step
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics lines written after ``step`` (by a run that went on past its checkpoint)."""
+        """Drop metrics lines written after ``step`` (by a run that went on past its
+        checkpoint) and a partial last line (with a warning); rewritten atomically."""
         if self.metrics_path is None or not self.metrics_path.exists():
             return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        keep = [rec for rec in checkpoint.read_metrics(self.metrics_path) if rec.get("step", 0) <= step]
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+        os.replace(tmp, self.metrics_path)
 
     def _diverged(self, step: int, loss: float, reason: str) -> TrainingDiverged:
         ckpt = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
@@ -322,26 +374,43 @@ class Trainer:
         return TrainingDiverged(msg, step=step, loss=loss, checkpoint=str(ckpt) if ckpt else None)
 
     # ------------------------------------------------------------------ training
-    def train(self, resume: bool = False) -> TrainResult:
+    def _claim(self, resume: bool, overwrite: bool):
+        """Hold the output directory for this run (:func:`fp4lib.checkpoint.claim`)."""
+        return checkpoint.claim(self.out_dir, resume=resume, overwrite=overwrite)
+
+    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Run (or, with ``resume=True``, continue) training to ``config.steps``.
 
-        Raises :class:`TrainingDiverged` from the divergence guard and
-        ``FileNotFoundError`` when ``resume`` finds no checkpoint.
+        With an output directory the run holds its lock throughout. A fresh run
+        needs the directory empty, or ``overwrite=True``: the previous run's
+        checkpoint and metrics then stay until this run's first checkpoint
+        replaces them. Raises :class:`TrainingDiverged` from the divergence guard,
+        ``FileNotFoundError`` when ``resume`` finds no checkpoint, and
+        :class:`fp4lib.checkpoint.RunDirError` (a ``ValueError``) for a directory
+        that is in use, not empty, not writable, or holds a checkpoint this run
+        does not continue.
         """
+        if self.out_dir is None:
+            return self._train(resume, None)
+        with self._claim(resume, overwrite) as held:
+            return self._train(resume, held)
+
+    def _train(self, resume: bool, held) -> TrainResult:
         cfg = self.config
         resumed_from = None
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             resumed_from = self.load_checkpoint()
+            self._metrics_file = self.metrics_path
             self._truncate_metrics(resumed_from)
             self._log({"step": resumed_from, "event": "resume"})
         elif self.metrics_path is not None:
-            if self.checkpoint_path.exists():  # a previous run's: not a good checkpoint of this one
-                self.checkpoint_path.unlink()
-            self.metrics_path.write_text("")
-            self._log({"step": 0, "event": "start", "config": dataclasses.asdict(cfg), "run_info": self.run_info,
-                       "device": str(self.device), "precision": self.precision})
+            self.run_id = checkpoint.new_run_id()
+            staged = held is not None and held.stage_metrics
+            self._metrics_file = (self.metrics_path.with_name(METRICS_FILE + checkpoint.STAGED_SUFFIX) if staged
+                                  else self.metrics_path)
+            self._metrics_file.write_text("")
+            self._log({"step": 0, "event": "start", "run_id": self.run_id, "config": dataclasses.asdict(cfg),
+                       "run_info": self.run_info, "device": str(self.device), "precision": self.precision})
         self.model.train()
         tokens_per_step = None
         try:
@@ -353,6 +422,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
+                checkpoint.fault("stall", step, getattr(getattr(self, "world", None), "rank", 0))
                 for hook in self.hooks:
                     hook(self, step)
                 t0 = time.perf_counter()

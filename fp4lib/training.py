@@ -35,7 +35,8 @@ import torch
 from .data import TokenWindows, load_corpus, split_tokens, VAL_FRACTION
 from .model import GPT, GPTConfig
 from .recipes import Recipe, apply_recipe, get_recipe, hp_switch_step, quantization_disabled, set_quantization
-from .trainer import CHECKPOINT_FILE, TrainConfig, Trainer, TrainResult, default_loss
+from .checkpoint import ResumeError, current_checkpoint
+from .trainer import TrainConfig, Trainer, TrainResult, default_loss
 
 __all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training"]
 
@@ -143,7 +144,8 @@ def _hp_eval_loss(model, batch):
 
 
 def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Optional[int] = None, seed: int = 0,
-                 out: Optional[str] = None, resume: bool = False, corpus: Optional[str] = None,
+                 out: Optional[str] = None, resume: bool = False, overwrite: bool = False,
+                 corpus: Optional[str] = None,
                  backend: str = "auto", hp_final_fraction: Optional[float] = None, device: str = "auto",
                  eval_every: Optional[int] = None, progress: bool = True, hooks: Sequence[Callable] = (),
                  log: Callable[[str], None] = lambda s: None,
@@ -151,7 +153,14 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
     """Build the model for ``preset``, apply ``recipe`` and train; the CLI's engine.
 
     ``steps``: default the preset's. ``out``: directory for ``metrics.jsonl`` and
-    ``ckpt.pt`` (``None``: write nothing; ``resume`` needs it).
+    checkpoints (``None``: write nothing; ``resume`` needs it). ``resume``
+    continues the run in ``out`` after checking that its checkpoint is intact and
+    was made with the same recipe, preset, seed, corpus, torch version and, under
+    ``torchrun``, the same processes and settings (:mod:`fp4lib.checkpoint`);
+    ``overwrite`` lets a fresh run replace the run in a directory that is not
+    empty (the previous run stays until the new run's first checkpoint). Without
+    either, a fresh run needs ``out`` new or empty. A ``ValueError``
+    (:class:`~fp4lib.checkpoint.RunDirError`) says what is wrong.
     ``hp_final_fraction`` overrides the recipe's final high-precision stretch.
     ``log`` receives the human-readable summary lines. ``trainer_factory``: called
     like :class:`~fp4lib.trainer.Trainer` (model, data, config, ``loss_fn``,
@@ -175,15 +184,8 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
     if switch is not None:
         all_hooks.append(lambda trainer, step: set_quantization(trainer.model, step < switch))
     info.update(steps=cfg.steps, hp_switch_step=switch)
-    if resume:
-        ckpt = Path(out) / CHECKPOINT_FILE
-        if not ckpt.is_file():
-            raise ValueError(f"resume: no checkpoint at {ckpt}")
-        stored = torch.load(ckpt, map_location="cpu", weights_only=False).get("run_info", {})
-        for key in ("recipe", "preset", "seed"):
-            if key in stored and stored[key] != info[key]:
-                raise ValueError(f"resume: the checkpoint in {out} was made with {key}={stored[key]!r}, "
-                                 f"not {info[key]!r}")
+    if resume and current_checkpoint(out) is None:
+        raise ResumeError(f"no checkpoint in {out} to resume from")
     trainer = trainer_factory(model, train, val, cfg, loss_fn=_hp_eval_loss if rec.hp_eval else default_loss,
                               hooks=all_hooks, run_info=info)
     m = PRESETS[preset].model
@@ -195,5 +197,5 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
         f"val {info['val_tokens']} tokens")
     log(f"quantized linears: {len(info['quantized_layers'])}" + (f" (high precision from step {switch})" if switch else ""))
     log(f"device: {trainer.device} ({trainer.precision}), fake-quant backend {backend}")
-    result = trainer.train(resume=resume)
+    result = trainer.train(resume=resume, overwrite=overwrite)
     return result

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fp4lib import train, training
+from fp4lib.checkpoint import current_checkpoint
 from fp4lib.recipes import RECIPES
 from fp4lib.trainer import TrainingDiverged
 
@@ -39,7 +40,7 @@ def test_last_line_parses_and_resume_continues(tmp_path, capsys):
     assert code == 0
     first = final_loss(stdout)
     assert 0 < first < 6 and "quantized linears: 4" in stdout
-    assert (Path(out) / "ckpt.pt").is_file() and (Path(out) / "metrics.jsonl").is_file()
+    assert (current_checkpoint(out) / "ckpt.pt").is_file() and (Path(out) / "metrics.jsonl").is_file()
     code, stdout, _ = run_main(capsys, "--recipe", "nvfp4", "--steps", "5", "--seed", "1", "--out", out, "--resume",
                                *FAST)
     assert code == 0 and final_loss(stdout) > 0
@@ -103,7 +104,7 @@ def test_custom_corpus_trains(tmp_path, capsys):
 def test_resume_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", "--out", str(tmp_path / "none"), *FAST])
-    assert info.value.code == 2 and "argument --resume: no checkpoint" in capsys.readouterr().err
+    assert info.value.code == 2 and "argument --resume: no checkpoint in" in capsys.readouterr().err
     out = str(tmp_path / "r")
     assert train.main(["--recipe", "bf16", "--steps", "1", "--out", out, *FAST]) == 0
     with pytest.raises(SystemExit):
@@ -112,7 +113,7 @@ def test_resume_errors(tmp_path, capsys):
 
 
 def test_divergence_exits_nonzero_naming_the_step(tmp_path, capsys, monkeypatch):
-    def diverge(self, resume=False):
+    def diverge(self, resume=False, overwrite=False):
         raise TrainingDiverged("training diverged at step 7: the loss is not finite (loss nan)", step=7,
                                loss=float("nan"))
 

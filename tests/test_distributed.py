@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fp4lib.checkpoint import current_checkpoint
 from fp4lib.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,8 @@ def test_a_diverging_rank_stops_every_rank_at_one_step_and_keeps_the_checkpoint(
     r0, r1 = (json.loads((out / f"result{r}.json").read_text()) for r in (0, 1))
     assert r0["diverged"] == r1["diverged"] == 12
     assert "the loss is not finite" in r0["message"] and r0["checkpoint"].endswith("ckpt.pt")
-    assert (out / "ckpt.pt").is_file() and (out / "ckpt_dcp").is_dir()
+    ckpt = current_checkpoint(out)
+    assert r0["checkpoint"] == str(ckpt / "ckpt.pt") and (ckpt / "dcp").is_dir() and (ckpt / "rank1.pt").is_file()
 
 
 def test_amax_reduction_changes_the_per_tensor_scales_and_runs(tmp_path):

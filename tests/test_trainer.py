@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from fp4lib.checkpoint import current_checkpoint
 from fp4lib.data import TokenWindows
 from fp4lib.model import GPT, GPTConfig
 from fp4lib.recipes import apply_recipe
@@ -66,7 +67,7 @@ def test_smoke_loss_falls_and_metrics_are_written(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 13))
     assert {"lr", "grad_norm", "step_ms", "tokens_per_s"} <= set(steps[0])
     assert [r["val_loss"] for r in records if "val_loss" in r] == [v for _, v in result.val_losses]
-    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    assert (current_checkpoint(tmp_path) / CHECKPOINT_FILE).is_file()
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "nvfp4"])
@@ -110,8 +111,8 @@ def test_divergence_guard_fires_on_nan_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(TrainingDiverged, match="diverged at step 5: the loss is not finite") as info:
         trainer.train()
     assert info.value.step == 5 and math.isnan(info.value.loss)
-    assert str(tmp_path / CHECKPOINT_FILE) in str(info.value)
-    ckpt = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert str(current_checkpoint(tmp_path) / CHECKPOINT_FILE) in str(info.value)
+    ckpt = torch.load(current_checkpoint(tmp_path) / CHECKPOINT_FILE, weights_only=False)
     assert ckpt["step"] == 4 and len(ckpt["history"]["train_losses"]) == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if torch.is_tensor(v))
     assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1])["event"] == "diverged"

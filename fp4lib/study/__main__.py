@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import DEFAULT_RESULTS, DEFAULT_RUNS, __doc__ as STUDY_DOC
-from .check import load_results, rerun_verdict, stale_results
+from .check import load_results, require_results_dir, rerun_verdict, stale_results
 from . import definition
 from .definition import Run
 from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest, training_entry
@@ -39,6 +39,7 @@ def cmd_run(args) -> int:
         torch.set_num_threads(args.threads)
     runs = _select(args.only, args.study)
     if args.stale:
+        require_results_dir(args.results)
         stale = stale_results(args.results, runs, training=True)
         runs = [r for r in runs if r.name in stale]
     start_hash = code_hash()  # the code this process runs (imported at start)
@@ -57,6 +58,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_list(args) -> int:
+    require_results_dir(args.results)
     stale = stale_results(args.results, definition.STUDY)
     for run in definition.STUDY:
         status = stale.get(run.name, "fresh")
@@ -82,6 +84,7 @@ def _rerun(name: str, results_dir, backend: str) -> Tuple[dict, dict]:
 
 
 def cmd_check(args) -> int:
+    require_results_dir(args.results)
     stale = stale_results(args.results, definition.STUDY, training=True)
     if stale:
         print(f"study check FAILED: {len(stale)} stored result(s) are missing or stale for the current code:",
@@ -113,6 +116,7 @@ def cmd_check(args) -> int:
 def cmd_reference(args) -> int:
     """Add (or replace) this environment's run of the re-run check's run to its stored record."""
     name = args.rerun
+    require_results_dir(args.results)
     stale = stale_results(args.results, [r for r in definition.STUDY if r.name == name])
     if stale:
         raise ValueError(f"{name} is not current ({stale[name]}); run it first: python -m fp4lib.study run --only {name}")
@@ -131,6 +135,17 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def _threads(text: str) -> int:
+    cpus = os.cpu_count() or 1
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 1 <= v <= cpus:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (this machine's CPUs), got {text!r}")
+    return v
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fp4lib.study", description=STUDY_DOC.split("\n\n")[0])
     p.add_argument("--results", default=str(DEFAULT_RESULTS),
@@ -142,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--stale", action="store_true", help="only runs whose result is missing or stale")
     r.add_argument("--runs", default=str(DEFAULT_RUNS), help="directory for metrics and checkpoints")
     r.add_argument("--backend", default="auto", help="fake-quant backend (identical numbers)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded with each result)")
+    r.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (recorded with each result)")
     r.add_argument("--no-progress", action="store_true")
     sub.add_parser("list", help="list the runs and the state of their results")
     c = sub.add_parser("check", help="fail on stale results; re-run one cheap run and compare (exact or tolerance mode)")

@@ -13,13 +13,40 @@ from .definition import Run
 from .provenance import describe_environment, same_environment, torch_release
 from .runner import REFERENCE_KEYS
 
-__all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "read_record", "stale_results",
-           "behaviour_problem", "compare_losses", "tolerance_band", "rerun_verdict"]
+__all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "read_result", "stale_results",
+           "behaviour_problem", "compare_losses", "tolerance_band", "rerun_verdict", "require_results_dir"]
 
 TOLERANCE_FACTOR = 3.0
 """Tolerance mode allows this many times the largest difference measured between the
 stored environments' runs (up to the same step)."""
 TOLERANCE_FLOOR = 1e-5
+
+
+def require_results_dir(results_dir) -> Path:
+    """``results_dir`` as a path if it is a directory; else a ``ValueError`` saying where it was looked for."""
+    path = Path(results_dir)
+    if not path.is_dir():
+        raise ValueError(f"the results directory {str(path)!r} was not found (looked in {Path.cwd()}); run from the "
+                         f"repository root or pass --results DIR")
+    return path
+
+
+def read_result(path) -> dict:
+    """One stored result record; a ``ValueError`` naming the file if it is empty, not JSON or not a JSON object."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})")
+    if not text.strip():
+        raise ValueError(f"{path}: empty; a stored result is a JSON object")
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); a stored result is a JSON object")
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: holds a JSON {type(rec).__name__}, not the JSON object of a stored result")
+    return rec
 
 
 def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str, dict]:
@@ -34,7 +61,7 @@ def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str
     for name in wanted:
         path = results_dir / f"{name}.json"
         if path.is_file():
-            out[name] = read_record(path)
+            out[name] = read_result(path)
     return out
 
 
@@ -82,10 +109,7 @@ def stale_results(results_dir, runs: Optional[Sequence[Run]] = None, training: b
     from .behaviour import load_behaviour
 
     runs = definition.STUDY if runs is None else runs
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise ValueError(f"results directory {str(results_dir)!r} not found (run from the repository root, or "
-                         "pass --results DIR)")
+    results_dir = require_results_dir(results_dir)
     problem = behaviour_problem(results_dir, training)
     current_id = (load_behaviour(results_dir) or {}).get("id")
     release = torch_release(torch.__version__)
@@ -96,7 +120,11 @@ def stale_results(results_dir, runs: Optional[Sequence[Run]] = None, training: b
         if not path.is_file():
             problems[run.name] = "missing"
             continue
-        rec = read_record(path)
+        try:
+            rec = read_result(path)
+        except ValueError as e:
+            problems[run.name] = f"unreadable: {e}"
+            continue
         if problem:
             problems[run.name] = problem
             continue
@@ -115,18 +143,6 @@ def stale_results(results_dir, runs: Optional[Sequence[Run]] = None, training: b
             problems[run.name] = (f"made on another corpus ({rec.get('corpus', {}).get('name')}, sha256 "
                                   f"{str(rec.get('corpus', {}).get('sha256'))[:12]}; here {corpus_sha[run.preset][:12]})")
     return problems
-
-
-def read_record(path) -> dict:
-    """One stored result, or ``ValueError`` naming the file when it is not a JSON object."""
-    path = Path(path)
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable result ({e})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"{path}: a result is a JSON object, found a {type(rec).__name__}")
-    return rec
 
 
 def _points(record: dict) -> List[Tuple[int, float]]:

@@ -49,7 +49,7 @@ def run_experiment(run: Run, results_dir: Path, runs_dir: Path, backend: str = "
                                             UNDERFLOW_MODULE))
     out = Path(runs_dir) / run.name
     t0 = time.time()
-    result = run_training(run.recipe, run.preset, steps=run.steps, seed=run.seed, out=str(out), backend=backend,
+    result = run_training(run.recipe, run.preset, steps=run.steps, seed=run.seed, out=str(out), overwrite=True, backend=backend,
                           hp_final_fraction=run.hp_final_fraction, progress=progress, hooks=hooks)
     ms = sorted(result.step_ms)
     record = {
