@@ -19,6 +19,7 @@ input's dtype and shape. Chapter 2 of the book introduces every scheme:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
@@ -96,6 +97,12 @@ time), ``"compiled"`` (:mod:`fp4lib.kernels`, the same bits in one fused pass) a
 reference)."""
 FAST_MIN_NUMEL = 1 << 16
 """``backend="auto"`` compiles from this many elements on; below, compiling costs more than it saves."""
+AUTO_COMPILE_AFTER = 1
+"""``backend="auto"`` compiles a kernel for a shape only once that shape was quantized
+this many times before in the process: compiling takes seconds (10-20 s on a 2-core
+CPU), which one call never wins back, while a loop over the same shape does."""
+_AUTO_SEEN: dict = {}
+_log = logging.getLogger(__name__)
 
 _ELEMENT_FORMAT = {"bnb_fp4": BNB_FP4, "nf4": NF4, "mxfp4": E2M1, "nvfp4": E2M1, PER_TENSOR: E2M1}
 _NIBBLE_ORDER = {"bnb_fp4": "high_first", "nf4": "high_first", "mxfp4": "low_first", "nvfp4": "low_first",
@@ -754,7 +761,17 @@ def _use_fast_path(backend: str, x: torch.Tensor, scheme: str, rounding: str, do
             raise ValueError(f"backend='compiled' covers schemes {FAST_QUANTIZE_SCHEMES} with rounding='nearest', "
                              "no double_quant and nonfinite='raise'; use backend='auto' or 'reference' for the rest")
         return compile_works()
-    return supported and x.numel() >= FAST_MIN_NUMEL and compile_works()
+    if not supported or x.numel() < FAST_MIN_NUMEL:
+        return False
+    key = (scheme, tuple(x.shape), str(x.device), rounding)
+    seen = _AUTO_SEEN.get(key, 0)
+    _AUTO_SEEN[key] = seen + 1
+    if seen < AUTO_COMPILE_AFTER or not compile_works():
+        return False
+    if seen == AUTO_COMPILE_AFTER:
+        _log.info("quantize: compiling the fused %s kernel for shape %s (once per shape; the reference path served "
+                  "the first call)", scheme, tuple(x.shape))
+    return True
 
 
 def quantize(
@@ -824,8 +841,9 @@ def quantize(
         ``"auto"`` (default): the compiled kernels of :mod:`fp4lib.kernels` for
         tensors of at least :data:`FAST_MIN_NUMEL` elements where they apply
         (round to nearest, no double quantization) and ``torch.compile`` works,
-        else this module's reference; ``"reference"``; ``"compiled"``. Every
-        path gives the same bits.
+        from the second call with a shape on (:data:`AUTO_COMPILE_AFTER`; the
+        first call does not wait for a compile), else this module's reference;
+        ``"reference"``; ``"compiled"``. Every path gives the same bits.
 
     Returns
     -------
