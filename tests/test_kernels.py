@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp4lib import BNB_FP4, quantize
-from fp4lib import kernels
+from fp4lib import kernels, scaling
 from fp4lib.kernels import VerifiedCompiled, compile_works
 
 SHAPES = [(4096,), (64, 48), (7, 13), (3, 1000), (1,), (130,)]
@@ -113,7 +113,11 @@ def test_auto_uses_the_fast_path_only_where_it_pays_and_applies(monkeypatch):
     quantize(torch.randn(256, 256), "nf4", double_quant=True)  # double quantization: the reference
     assert calls == []
     if compile_works():
-        quantize(torch.randn(256, 256), "nvfp4")
+        monkeypatch.setattr(scaling, "_AUTO_SEEN", {})
+        x = torch.randn(256, 192)
+        quantize(x, "nvfp4")  # a shape's first call does not wait for a compile
+        assert calls == []
+        quantize(x, "nvfp4")  # from its second on, it is worth compiling
         assert calls == ["nvfp4"]
 
 
