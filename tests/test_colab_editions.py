@@ -86,3 +86,17 @@ def test_colab_buttons_open_the_editions(chapter):
     url = colab_url(page)
     assert url.endswith("/" + colab_edition_path(f"{page}.ipynb"))
     assert (ROOT / colab_edition_path(f"{page}.ipynb")).exists()
+
+
+def test_the_build_hook_rewrites_the_colab_button():
+    from fp4lib.notebook import _point_colab_at_editions
+
+    page = "book/01_fp4_bit_layout"
+    theme_url = colab_url(page).replace("/book/colab/", "/book/")  # what sphinx-book-theme makes
+    context = {"header_buttons": [{"type": "group", "buttons": [
+        {"type": "link", "text": "Colab", "url": theme_url},
+        {"type": "link", "text": "Binder", "url": "https://mybinder.org/v2/gh/o/r/main?urlpath=book/x.ipynb"}]}]}
+    _point_colab_at_editions(None, page, "page.html", context, None)
+    buttons = context["header_buttons"][0]["buttons"]
+    assert buttons[0]["url"] == colab_url(page)
+    assert buttons[1]["url"].endswith("book/x.ipynb")
