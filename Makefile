@@ -15,6 +15,8 @@ STAMP := $(VENV)/.installed
 PLAIN_VENV := .venv-plain
 PLAIN_PY := $(PLAIN_VENV)/bin/python
 PLAIN_STAMP := $(PLAIN_VENV)/.installed
+# ... and it must stay plain: this fails if the book's tooling got into it.
+PLAIN_GUARD := $(PLAIN_PY) -c "import importlib.util as u, sys; found = [m for m in ('myst_nb', 'jupyter_book', 'sphinx') if u.find_spec(m)]; sys.exit(f'$(PLAIN_VENV) is not a plain kernel: {found} installed' if found else 0)"
 # The machine's pip configuration points at local mirrors that print one warning per
 # package; keep the log readable.
 QUIET_PIP := grep -v "^WARNING: Location" || true
@@ -59,14 +61,13 @@ $(PLAIN_STAMP): requirements-plain.txt pyproject.toml
 	$(PLAIN_PY) -m pip install -q -r requirements-plain.txt 2>&1 | $(QUIET_PIP)
 	$(PLAIN_PY) -m pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	$(PLAIN_PY) -c "import torch, bitsandbytes, torchao, nbval, fp4lib"
-	$(MAKE) plain-guard
+	$(PLAIN_GUARD)
 	touch $(PLAIN_STAMP)
 
 venv-plain: $(PLAIN_STAMP)
 
-# The plain environment must stay plain: fail if the book's tooling got into it.
-plain-guard:
-	$(PLAIN_PY) -c "import importlib.util as u, sys; found = [m for m in ('myst_nb', 'jupyter_book', 'sphinx') if u.find_spec(m)]; sys.exit(f'$(PLAIN_VENV) is not a plain kernel: {found} installed' if found else 0)"
+plain-guard: venv-plain
+	$(PLAIN_GUARD)
 
 # Debian's chromium and its driver, for the browser check.
 chromium:
@@ -115,7 +116,7 @@ experiments-check: venv
 # plain environment, as a reader's notebook kernel (Colab's) runs them: a chapter that
 # needs Jupyter Book, myst-nb or Sphinx, or a package its setup cell does not install,
 # fails this pass.
-cross-kernel: venv venv-plain plain-guard
+cross-kernel: venv plain-guard
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study check
 	$(CROSS_KERNEL_ENV) $(PLAIN_PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
