@@ -9,6 +9,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A second environment: a plain notebook kernel, with what Colab ships and what the
+# chapters' setup cells install (requirements-plain.txt) but no Jupyter Book, myst-nb
+# or Sphinx. The cross-kernel pass runs the chapters there.
+PLAIN_VENV := .venv-plain
+PLAIN_PY := $(PLAIN_VENV)/bin/python
+PLAIN_STAMP := $(PLAIN_VENV)/.installed
+# ... and it must stay plain: this fails if the book's tooling got into it.
+PLAIN_GUARD := $(PLAIN_PY) -c "import importlib.util as u, sys; found = [m for m in ('myst_nb', 'jupyter_book', 'sphinx') if u.find_spec(m)]; sys.exit(f'$(PLAIN_VENV) is not a plain kernel: {found} installed' if found else 0)"
 # The machine's pip configuration points at local mirrors that print one warning per
 # package; keep the log readable.
 QUIET_PIP := grep -v "^WARNING: Location" || true
@@ -27,7 +35,7 @@ CROSS_KERNEL_ENV := ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(INDUCT
 # no root, npm or network beyond PyPI is needed.
 MATHJAX := book/_static/mathjax/tex-chtml.js
 
-.PHONY: help venv mathjax book read test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
+.PHONY: help venv venv-plain plain-guard mathjax book read test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
 
 help:
 	@echo "make book         build the executed book into _build/html"
@@ -47,6 +55,20 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(PLAIN_STAMP): requirements-plain.txt pyproject.toml
+	test -x $(PLAIN_PY) || $(PYTHON) -m venv $(PLAIN_VENV)
+	$(PLAIN_PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(PLAIN_PY) -m pip install -q -r requirements-plain.txt 2>&1 | $(QUIET_PIP)
+	$(PLAIN_PY) -m pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	$(PLAIN_PY) -c "import torch, bitsandbytes, torchao, nbval, fp4lib"
+	$(PLAIN_GUARD)
+	touch $(PLAIN_STAMP)
+
+venv-plain: $(PLAIN_STAMP)
+
+plain-guard: venv-plain
+	$(PLAIN_GUARD)
 
 # The browser check's Chromium (or Chrome) and chromedriver: the ones installed, else
 # Debian's packages where this runs as root with apt-get, else a message that says
@@ -88,16 +110,19 @@ unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
 nbval: venv
-	$(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest -q -p no:cacheprovider --nbval book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 experiments-check: venv
 	$(PY) -m fp4lib.study check
 
 # The checks that compare numbers across machines, once more with ATen's portable
-# (non-vector) CPU kernels and a kernel cache of their own.
-cross-kernel: venv
+# (non-vector) CPU kernels and a kernel cache of their own. The chapters run here in the
+# plain environment, as a reader's notebook kernel (Colab's) runs them: a chapter that
+# needs Jupyter Book, myst-nb or Sphinx, or a package its setup cell does not install,
+# fails this pass.
+cross-kernel: venv plain-guard
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study check
-	$(CROSS_KERNEL_ENV) $(PY) -m pytest -q -p no:cacheprovider --nbval book/ --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(CROSS_KERNEL_ENV) $(PLAIN_PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 browser-check: venv chromium
 	$(PY) tests/browser_check.py _build/html

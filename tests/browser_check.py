@@ -8,8 +8,9 @@ For the index and every page in _toc.yml it asserts that the page loads with a t
 and a heading; that every image in the article has loaded (``naturalWidth > 0``) from
 a non-empty file; that each chapter notebook shows at least as many figures as its
 stored outputs hold (and at least one); that no traceback, error or stderr output
-appears; and that each chapter's Colab launch link points at the chapter's own
-``.ipynb`` in the repository and branch that _config.yml configures. Math must be typeset: every math node of the page holds MathJax's rendered
+appears; and that each chapter's Colab launch link points at the chapter's Colab
+edition (``book/colab/<chapter>.ipynb``, see tests/colab_edition.py) in the repository
+and branch that _config.yml configures. Math must be typeset: every math node of the page holds MathJax's rendered
 output and no raw TeX delimiters remain in the text. Nothing may load from another
 host: every script, stylesheet and other resource the page fetched (as the browser's
 resource timing lists them) comes from the build itself. It prints one line per page and exits non-zero if any check fails. With
@@ -64,14 +65,17 @@ ERROR_TEXT = ("Traceback (most recent call last)", "Error in callback", "ModuleN
 
 
 def colab_url(page: str) -> str:
-    """The Colab link a chapter's launch button must carry: the chapter's ``.ipynb`` in the
-    repository and branch configured in _config.yml."""
+    """The Colab link a chapter's launch button must carry: the chapter's Colab edition
+    (``book/colab/<chapter>.ipynb`` for ``book/<chapter>``) in the repository and branch
+    configured in _config.yml."""
     import yaml
 
     repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
     owner_repo = urlparse(repo["url"]).path.strip("/")
     book = repo.get("path_to_book", "").strip("/")
-    return f"{COLAB_PREFIX}{owner_repo}/blob/{repo['branch']}/{book + '/' if book else ''}{page}.ipynb"
+    folder, _, name = page.rpartition("/")
+    edition = f"{folder}/colab/{name}" if folder else f"colab/{name}"
+    return f"{COLAB_PREFIX}{owner_repo}/blob/{repo['branch']}/{book + '/' if book else ''}{edition}.ipynb"
 
 
 def toc_pages() -> list[str]:

@@ -8,7 +8,9 @@ With no arguments it runs every ``book/[0-9][0-9]_*.ipynb``. Each notebook runs 
 its own directory as the working directory, like the book build, on the ``python3``
 kernel of the interpreter running this script. Cell timing metadata is not recorded,
 so re-running an unchanged chapter changes nothing but plot bytes. The stored outputs
-are what Colab shows before anything runs and what nbval compares against.
+are what Colab shows before anything runs and what nbval compares against. After each
+chapter it rewrites the chapter's Colab edition (``tests/colab_edition.py``), which
+carries the same outputs.
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ def store(path: Path, timeout: int = 600) -> float:
 def main(argv: list[str]) -> int:
     os.environ.pop("MPLBACKEND", None)  # the kernel must use the inline backend
     paths = [Path(p) for p in argv] or sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import colab_edition
+
     for p in paths:
         print(f"{p}: {store(p.resolve()):.1f} s", flush=True)
+        colab_edition.write(p.resolve())
     return 0
 
 

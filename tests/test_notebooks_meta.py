@@ -95,6 +95,65 @@ def test_install_cell_uses_the_configured_repository(notebook):
     assert "bitsandbytes" in cell.source
 
 
+# What Colab's kernel has without installing anything; the rest a chapter imports, its
+# setup cell installs. Import names (bitsandbytes, torchao) are also the package names.
+COLAB_SHIPS = {"torch", "numpy", "matplotlib", "scipy", "pandas", "tqdm", "IPython", "ipykernel"}
+#: The chapters that ask Colab for a GPU: the ones with GPU code worth running on Colab's.
+GPU_CHAPTERS = {"02_blockwise_quantization", "05_fp4_pretraining_run"}
+
+
+def _pins():
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+        if m:
+            pins[m.group(1)] = m.group(2)
+    return pins
+
+
+def _imported_modules(nb):
+    import sys
+
+    found = set()
+    for cell in _code_cells(nb)[1:]:
+        code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names}
+
+
+def test_install_cell_installs_what_the_chapter_imports(notebook):
+    path, nb = notebook
+    cell = _code_cells(nb)[0]
+    strings = [n.value for n in ast.walk(ast.parse(cell.source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    installed = {re.split(r"[=<>!~\[]", s)[0]: s for s in strings if re.match(r"^[A-Za-z0-9_.-]+(==|>=|<|~=)", s)}
+    pins = _pins()
+    for module in _imported_modules(nb) - COLAB_SHIPS - {"fp4lib"}:
+        assert module in installed, f"{path.name} imports {module}, which its setup cell does not install"
+    for name, spec in installed.items():
+        assert name in pins and spec == f"{name}=={pins[name]}", f"{spec}: requirements.txt pins {name}=={pins.get(name)}"
+    assert "torch" not in installed, "Colab's CUDA torch stays"
+
+
+def test_chapters_need_no_book_tooling(notebook):
+    path, nb = notebook
+    for module in ("myst_nb", "jupyter_book", "sphinx"):
+        assert module not in _imported_modules(nb), f"{path.name} imports {module}: use fp4lib.notebook"
+
+
+def test_only_gpu_chapters_ask_colab_for_a_gpu(notebook):
+    path, nb = notebook
+    if path.stem in GPU_CHAPTERS:
+        assert nb.metadata.get("accelerator") == "GPU" and nb.metadata["colab"].get("gpuType"), path.name
+        code = "\n".join(c.source for c in _code_cells(nb))
+        assert "torch.cuda.is_available()" in code, f"{path.name} asks for a GPU it does not use"
+    else:
+        assert "accelerator" not in nb.metadata and "gpuType" not in nb.metadata.get("colab", {}), path.name
+
+
 def test_install_cell_does_nothing_off_colab(notebook):
     path, nb = notebook
     cell = _code_cells(nb)[0]
