@@ -18,6 +18,7 @@ import ast
 import importlib
 import inspect
 import math
+import traceback
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,66 @@ def test_quantizing_on_a_device_gives_the_cpu_bytes(device, scheme):
 
 def test_float8_kernels_compile_on_the_cpu():
     assert kernels.float8_compiles(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------
+# GPU paths that a CPU can still check
+# ----------------------------------------------------------------------------
+def test_float8_kernels_run_eagerly_below_sm89_and_say_so_once(monkeypatch, caplog):
+    import logging
+
+    kernels._float8_compiles.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    try:
+        with caplog.at_level(logging.WARNING, logger="fp4lib.kernels"):
+            assert not kernels._float8_compiles("cuda", 0)
+            assert not kernels._float8_compiles("cuda", 0)
+        assert len(caplog.records) == 1 and "8.0, below 8.9" in caplog.text and "A100" in caplog.text
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        assert kernels._float8_compiles("cuda", 1)
+    finally:
+        kernels._float8_compiles.cache_clear()
+
+
+def test_seeds_are_made_on_the_operands_device_and_hadamard_matrices_are_cached():
+    from fp4lib.hadamard import _cached_matrix, hadamard_matrix
+
+    t = seed_term(12345, torch.device("cpu"))
+    assert t.dtype == torch.int32 and t.shape == () and int(t) == int(seed_term(12345))
+    m = _cached_matrix(16, torch.float32, None)
+    assert m is _cached_matrix(16, torch.float32, "cpu") and m is _cached_matrix(16, torch.float32, torch.device("cpu"))
+    public = hadamard_matrix(16)
+    public.zero_()  # a caller's copy: the cache is untouched
+    assert torch.equal(m, hadamard_matrix(16)) and bool((m != 0).all())
+
+
+def test_a_training_step_reads_the_device_once():
+    """One host read per step (loss and gradient norm together), one per evaluation."""
+    from fp4lib.training import build_run, PRESETS
+    from fp4lib.trainer import Trainer
+
+    model, _, train, val, _ = build_run("nvfp4", "tiny", seed=0, backend="fused")
+    steps = 4
+    cfg = PRESETS["tiny"].train_config(steps=steps, eval_every=0, ckpt_every=0, progress=False, device="cpu")
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "__float__", "__bool__")}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            # AdamW's own reads of its CPU step counters are left out: on a GPU the
+            # trainer runs the fused AdamW, which keeps them on the device.
+            if not any("torch/optim/" in f.filename for f in traceback.extract_stack()):
+                reads.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    trainer = Trainer(model, train, val, cfg)
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, counting(name))
+        trainer.train()
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    assert len(reads) == steps + 1, reads  # the steps, and the final evaluation
