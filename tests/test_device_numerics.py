@@ -240,10 +240,27 @@ def test_quantizing_on_a_device_gives_the_cpu_bytes(device, scheme):
     rules = {"mxfp4": ["floor", "ceil"], "nvfp4": ["nearest", "up", "4over6"]}.get(scheme, [None])
     for rule in rules:
         ref = quantize(x, scheme, scale_rule=rule, backend="reference")
-        for backend in ("reference", "auto"):
+        # on the CPU the compiled kernels are compared with the reference in test_kernels.py
+        for backend in ("reference", "auto") if device == "cpu" else ("reference", "compiled"):
             q = quantize(x.to(device), scheme, scale_rule=rule, backend=backend)
             assert _same(q.packed, ref.packed) and _same(q.scale, ref.scale), (rule, backend)
             assert _same(q.global_scale, ref.global_scale)
+
+
+@pytest.mark.parametrize("spec_args", FAKE_QUANT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fake_quant_on_a_device_gives_the_cpu_bits(device, spec_args):
+    if device == "cpu":
+        pytest.skip("the CPU is the reference here; its backends are compared in test_kernels.py")
+    from fp4lib.fake_quant import fake_quant_factored
+    from fp4lib.specs import QuantSpec
+
+    scheme, axis, rounding, tile, rule = spec_args
+    spec = QuantSpec(scheme, rounding=rounding, tile=tile, scale_rule=rule)
+    x = _x(64, 128, seed=5)
+    ref = fake_quant_factored(x, spec, axis, seed=99, backend="reference")
+    for backend in ("reference", "fused", "compiled"):
+        got = fake_quant_factored(x.to(device), spec, axis, seed=99, backend=backend)
+        assert all(_same(a, b) for a, b in zip(got, ref)), backend
 
 
 def test_float8_kernels_compile_on_the_cpu():
