@@ -365,6 +365,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if hasattr(grad_norm_t, "full_tensor"):  # a DTensor (FSDP2): its value on every rank
+                    grad_norm_t = grad_norm_t.full_tensor()
                 # The step's one host sync: the loss and the gradient norm read together, before
                 # the optimizer step, so that the divergence guard can still stop it.
                 loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm_t.float()]).tolist()
