@@ -142,7 +142,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 class TrainResult:
     """What a run produced. ``train_losses[i]`` is the loss of step ``i + 1``;
     ``val_losses`` holds ``(step, loss)`` pairs; ``step_ms`` the wall time of each
-    step (milliseconds, evaluation excluded)."""
+    step (milliseconds, evaluation excluded; on a GPU, from the step's start to the
+    queuing of its optimizer step, whose GPU work ends within the next step's one
+    host sync, so that the median is the steady step time)."""
 
     final_val_loss: float
     train_losses: List[float]
