@@ -146,8 +146,17 @@ experiments: venv
 	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.study reference; fi
 	$(PY) benchmarks/study_report.py
 
-gpu-check: venv
-	$(PY) benchmarks/gpu_check.py
+# On a machine whose own Python already has a CUDA build of torch (Colab), use it: the
+# venv would install requirements.txt's CPU-pinned torch beside it and never see the GPU.
+# pyproject.toml's torch range leaves the running torch in place. Elsewhere, the venv.
+gpu-check:
+	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then \
+	  echo "make gpu-check: $(PYTHON)'s own torch sees CUDA; using it (no $(VENV))"; \
+	  $(PYTHON) -m pip install -q -e ".[bnb]" "pytest>=8" "hypothesis>=6.100" 2>&1 | $(QUIET_PIP); \
+	  $(PYTHON) benchmarks/gpu_check.py; \
+	else \
+	  $(MAKE) venv && $(PY) benchmarks/gpu_check.py; \
+	fi
 
 benchmark: venv
 	$(PY) benchmarks/quantize.py

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                     print(f"MISMATCH: {recipe} {backend} losses differ from the reference", flush=True)
                     return 1
     same = "reference" in args.backends and len(args.backends) > 1
-    m, bs = PRESETS[args.preset].model, PRESETS[args.preset].batch_size
+    m, bs = PRESETS[args.preset].model, PRESETS[args.preset].train.batch_size
     lines = [
         f"## Training step time: tiny GPT, {args.preset} preset",
         "",

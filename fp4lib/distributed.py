@@ -113,7 +113,7 @@ def init_world(mode: str, device: str = "auto", timeout: Optional[float] = None)
         raise ValueError(f"--dist {mode} needs torchrun ({', '.join(missing)} unset): run "
                          f"torchrun --standalone --nproc_per_node=N -m fp4lib.train ... --dist {mode}")
     rank, world_size, local_rank = (int(os.environ[v]) for v in _TORCHRUN_VARS)
-    cuda = torch.cuda.is_available() and device != "cpu"
+    cuda = _use_cuda(device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -146,6 +146,24 @@ def describe_timeout(world: World) -> str:
            f"ranks {', '.join(map(str, silent))}" if silent else "another rank")
     return (f"rank {world.rank}: a collective operation waited more than --collective-timeout {world.timeout:g} s; "
             f"{who} stalled or died")
+
+
+def _use_cuda(device: str, local_world_size: int) -> bool:
+    """``"auto"``: CUDA only when this machine has a GPU for each of its ranks; fewer GPUs
+    than ranks (one GPU, two processes) would put two NCCL ranks on one GPU, which NCCL
+    refuses, so the run takes the CPU and gloo, and says so. ``"cpu"``/``"cuda"``: as told."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return False
+    if device != "auto":
+        return True
+    gpus = torch.cuda.device_count()
+    if gpus < local_world_size:
+        import warnings
+
+        warnings.warn(f"{local_world_size} processes on this machine but {gpus} GPU(s): running on the CPU "
+                      "with gloo (pass --device cuda to insist on the GPUs)")
+        return False
+    return True
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -187,7 +205,7 @@ def _mean_over_ranks(loss_fn: Callable) -> Callable:
         local = loss_fn(model, batch)
         mean = local.detach().clone()
         dist.all_reduce(mean)
-        mean /= dist.get_world_size()
+        mean /= torch.full_like(mean, dist.get_world_size())  # a true division on every device
         return local + (mean - local.detach())
 
     return loss
@@ -226,7 +244,7 @@ class DataParallelTrainer(Trainer):
         self._fp4 = [m for m in model.modules() if isinstance(m, FP4Linear)]
         self._base_seeds = [m.seed for m in self._fp4]
         self._set_rank_seeds()
-        config = dataclasses.replace(config, progress=config.progress and world.is_main)
+        config = dataclasses.replace(config, progress=config.progress and world.is_main, device=str(world.device))
         info = dict(run_info or {}, dist=world.mode, world_size=world.world_size, amax_reduce=amax_reduce,
                     grad_comm=grad_comm)
         wrapped = _wrap(model, world)
@@ -413,7 +431,8 @@ def fp8_allreduce_hook(log: Optional[CommLog] = None, scheme: str = "fp8_e4m3") 
         scales = [torch.empty_like(s_dec.reshape(1)) for _ in range(n)]
         dist.all_gather(gathered, codes, group=group)
         dist.all_gather(scales, s_dec.reshape(1), group=group)
-        mean = sum(g.view(dtype).to(torch.float32) * s for g, s in zip(gathered, scales)) / n
+        total = sum(g.view(dtype).to(torch.float32) * s for g, s in zip(gathered, scales))
+        mean = total / torch.full_like(total, n)  # a true division on every device
         if log is not None:
             size = codes.numel() + 4
             log.add(size, (n - 1) * size)

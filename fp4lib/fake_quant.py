@@ -167,7 +167,7 @@ def fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int =
     if backend == "reference":
         return reference_fake_quant_factored(x, spec, axis, seed, amax)
     fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
-    seed_t = seed_term(seed).to(x.device, non_blocking=True)
+    seed_t = seed_term(seed, x.device)  # filled on the device: no host-to-device copy
     return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule, amax)
 
 

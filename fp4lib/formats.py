@@ -80,7 +80,7 @@ class ElementFormat:
         sorted_vals = self._values[order]
         self._order = order.to(torch.uint8)
         # Float32 midpoints exactly as bitsandbytes computes them.
-        self._midpoints = (sorted_vals[:-1] + sorted_vals[1:]) / 2
+        self._midpoints = (sorted_vals[:-1] + sorted_vals[1:]) * 0.5  # exact halving
         # Distinct values and one canonical code each, for stochastic rounding.
         distinct: List[float] = []
         codes: List[int] = []
@@ -93,7 +93,7 @@ class ElementFormat:
         self._grid_codes = torch.tensor(codes, dtype=torch.uint8)
         # E2M1 works on magnitudes: grid of the 8 non-negative values, codes 0..7.
         self._mag_grid = self._values[:8].clone()
-        self._mag_mid = (self._mag_grid[:-1] + self._mag_grid[1:]) / 2
+        self._mag_mid = (self._mag_grid[:-1] + self._mag_grid[1:]) * 0.5
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ values
@@ -269,9 +269,9 @@ def _e2m1_values() -> List[float]:
         exponent = (code & EXP_MASK) >> 1
         mantissa = code & MAN_MASK
         if exponent == 0:  # subnormal: 2^(1 - bias) * (0.m)
-            mag = 2.0 ** (1 - E2M1_EXP_BIAS) * (mantissa / 2)
+            mag = 2.0 ** (1 - E2M1_EXP_BIAS) * (mantissa * 0.5)
         else:  # normal: 2^(e - bias) * (1.m)
-            mag = 2.0 ** (exponent - E2M1_EXP_BIAS) * (1 + mantissa / 2)
+            mag = 2.0 ** (exponent - E2M1_EXP_BIAS) * (1 + mantissa * 0.5)
         vals.append(sign * mag)
     assert max(vals) == E2M1_MAX
     return vals
@@ -281,7 +281,7 @@ def _bnb_fp4_values() -> List[float]:
     # bitsandbytes' table in code order: {0, 1/16, 8, 12, 4, 6, 2, 3} / 12, then the
     # same negated (code 8 is 0.0 again). Float32 of the exact fractions equals
     # bitsandbytes' own float32 table.
-    pos = [0.0, 1 / 16, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
+    pos = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
     pos = [p / 12 for p in pos]
     return pos + [-p if p else 0.0 for p in pos]
 

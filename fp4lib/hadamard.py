@@ -46,7 +46,18 @@ def hadamard_matrix(block_size: int, dtype: torch.dtype = torch.float32, device=
     >>> bool(torch.allclose(hadamard_matrix(16) @ hadamard_matrix(16).T, torch.eye(16), atol=1e-6))
     True
     """
+    return _cached_matrix(block_size, dtype, device).clone()
+
+
+def _cached_matrix(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """:func:`hadamard_matrix`, made once per (size, dtype, device) and shared: callers must not modify it."""
     _check_size(block_size)
+    return _matrix_on(block_size, dtype, torch.device("cpu" if device is None else device))
+
+
+@functools.lru_cache(maxsize=None)
+def _matrix_on(block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Always computed on the CPU in float32 (the same bits for every device), then cast and moved once.
     return (_sylvester(block_size) / block_size**0.5).to(dtype=dtype, device=device)
 
 
@@ -71,7 +82,7 @@ def _check_tensor(x) -> None:
 
 
 def _transform_matrix(block_size, signs, dtype, device, inverse):
-    h = hadamard_matrix(block_size, dtype=dtype, device=device)
+    h = _cached_matrix(block_size, dtype, device)
     if signs is None:
         return h
     if signs.shape != (block_size,):
@@ -159,5 +170,5 @@ def hadamard_along(x: torch.Tensor, axis: int, block_size: int, signs: torch.Ten
         raise ValueError(f"axis 0 of x (size {rows}) must be a multiple of the Hadamard block size {block_size}")
     # Row-vector transform v -> v @ M with M = diag(signs) H / sqrt(b), applied to
     # each column block: M^T @ block.
-    m = signs.to(x.dtype).unsqueeze(1) * hadamard_matrix(block_size, dtype=x.dtype, device=x.device)
+    m = signs.to(x.dtype).unsqueeze(1) * _cached_matrix(block_size, x.dtype, x.device)
     return torch.matmul(m.t(), x.view(rows // block_size, block_size, cols)).view(rows, cols)

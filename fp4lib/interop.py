@@ -11,7 +11,7 @@
   (``torch._scaled_mm`` on Blackwell GPUs, cuBLAS): the codes as
   ``torch.float4_e2m1fn_x2`` and the scales swizzled into 128 x 4 tiles.
 * :func:`fp4_gemm` -- that GEMM, ``a @ b.T`` on two quantized operands, on a GPU
-  that has it (compute capability 10.x, "SM100"), and :func:`block_scaled_matmul`,
+  that has it (compute capability 10.x or 12.x: B200, GB200, RTX 50xx), and :func:`block_scaled_matmul`,
   its emulation on any device: the E2M1 products of each block summed exactly,
   scaled by the two block scales and accumulated block after block in FP32, as
   Transformer Engine's reference GEMM does.
@@ -38,7 +38,7 @@ from .constants import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE
 from .scaling import QuantizedTensor
 
 __all__ = ["to_torchao", "from_torchao", "gemm_operand", "swizzle_scales", "unswizzle_scales",
-           "block_scaled_matmul", "fp4_gemm", "fp4_gemm_available", "ENGINE_SWITCHES", "TORCHAO_NAMES"]
+           "block_scaled_matmul", "fp4_gemm", "fp4_gemm_available", "FP4_GEMM_CAPABILITIES", "ENGINE_SWITCHES", "TORCHAO_NAMES"]
 
 _SWIZZLE_ROWS, _SWIZZLE_COLS = 128, 4  # the scale tile of block-scaled GEMMs
 
@@ -236,21 +236,30 @@ def block_scaled_matmul(a: QuantizedTensor, b: QuantizedTensor) -> torch.Tensor:
     return out if scale is None else out * scale
 
 
+FP4_GEMM_CAPABILITIES = (10, 12)
+"""Major compute capabilities with block-scaled FP4 GEMMs in ``torch._scaled_mm``:
+10.x (B200, GB200; "SM100") and 12.x (RTX 50xx, DGX Spark; "SM120")."""
+
+
 def fp4_gemm_available(device=None) -> bool:
     """Whether ``torch._scaled_mm`` has block-scaled FP4 GEMMs here: a CUDA GPU of
-    compute capability 10.x (B200, GB200; "SM100")."""
+    compute capability 10.x or 12.x (:data:`FP4_GEMM_CAPABILITIES`)."""
     if not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device)[0] == 10
+    return torch.cuda.get_device_capability(device)[0] in FP4_GEMM_CAPABILITIES
 
 
-def fp4_gemm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp4_gemm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``a @ b.T`` on the GPU's block-scaled FP4 tensor cores (``torch._scaled_mm``).
 
     The operands as in :func:`block_scaled_matmul`, on a CUDA device with
     :func:`fp4_gemm_available`; K a multiple of 32 and M, N multiples of 16 (cuBLAS'
-    alignment). NVFP4's per-tensor scales multiply the output afterwards, as torchao
-    does. Raises ``RuntimeError`` naming what is missing elsewhere.
+    alignment). The GEMM accumulates in float32 and writes bfloat16, the output
+    PyTorch's own FP4 ``_scaled_mm`` tests use (float32 output is not offered by
+    every kernel); NVFP4's per-tensor scales then multiply that output in float32,
+    as torchao does, and the product is cast to ``out_dtype``. So the result is the
+    float32 GEMM rounded to bfloat16 (and, for NVFP4, rounded once more after the
+    scale), whatever ``out_dtype``. Raises ``RuntimeError`` naming what is missing elsewhere.
     """
     _check_gemm_pair(a, b)
     if a.packed.device.type != "cuda" or b.packed.device.type != "cuda":
@@ -258,10 +267,10 @@ def fp4_gemm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = to
                            "block_scaled_matmul, which emulates it anywhere")
     if not fp4_gemm_available(a.packed.device):
         cap = ".".join(map(str, torch.cuda.get_device_capability(a.packed.device)))
-        raise RuntimeError(f"block-scaled FP4 GEMMs need compute capability 10.x; this GPU has {cap}. "
+        raise RuntimeError(f"block-scaled FP4 GEMMs need compute capability 10.x or 12.x; this GPU has {cap}. "
                            "block_scaled_matmul emulates the GEMM on any device")
     codes_a, scales_a = gemm_operand(a)
     codes_b, scales_b = gemm_operand(b)
-    out = torch._scaled_mm(codes_a, codes_b.T, scales_a, scales_b, out_dtype=out_dtype)
+    out = torch._scaled_mm(codes_a, codes_b.T, scales_a, scales_b, out_dtype=torch.bfloat16)
     scale = _tensor_scale(a, b)
-    return out if scale is None else (out.float() * scale).to(out_dtype)
+    return out.to(out_dtype) if scale is None else (out.float() * scale).to(out_dtype)

@@ -28,11 +28,21 @@ specialization and compares the bits; a mismatch (a miscompile, a stale on-disk
 kernel cache) or a compiler error switches that specialization to the eager
 formulation, with a warning that names it. ``tests/test_kernels.py`` checks every
 kernel against its reference bit for bit; ``benchmarks/quantize.py`` measures them.
+
+The same bits on every device: the scale formulas divide tensor by tensor (never
+by a Python number, which CUDA multiplies by its reciprocal; see
+:func:`fp4lib.scaling.exact_constant`), and every kernel here is compiled with
+Inductor's exact float32 division (:data:`COMPILE_OPTIONS`), without which Triton
+divides approximately on the GPU. On CUDA GPUs below compute capability 8.9
+(A100, T4), Triton cannot cast to float8, so the NVFP4 and FP8 kernels, which do,
+run their eager formulation there: chosen once per device and logged
+(:func:`float8_compiles`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -58,8 +68,11 @@ from .scaling import (
     resolve_scale_rule,
 )
 
-__all__ = ["FAST_QUANTIZE_SCHEMES", "FAKE_QUANT_SCHEMES", "compile_works", "quantize_packed", "fake_quant_fused",
-           "compiled_fake_quant", "VerifiedCompiled"]
+__all__ = ["FAST_QUANTIZE_SCHEMES", "FAKE_QUANT_SCHEMES", "COMPILE_OPTIONS", "FLOAT8_SCHEMES", "compile_works",
+           "compile_kernel", "float8_compiles", "quantize_packed", "fake_quant_fused", "compiled_fake_quant",
+           "VerifiedCompiled"]
+
+_log = logging.getLogger(__name__)
 
 FAST_QUANTIZE_SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4", PER_TENSOR)
 FAKE_QUANT_SCHEMES = (PER_TENSOR, "mxfp4", "nvfp4") + tuple(FP8_SCHEMES)
@@ -79,6 +92,15 @@ _E2M1_STEPS = (
 _BINADE_2 = 2.0  # E2M1 spacing is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]
 _BINADE_4 = 4.0
 _RECOMPILE_LIMIT = 128
+
+COMPILE_OPTIONS = {"eager_numerics.division_rounding": True}
+"""Inductor options of every fp4lib kernel: float32 division rounded as eager PyTorch
+does (Triton's ``div_rn``) instead of Triton's approximate division on the GPU. Passed
+to ``torch.compile`` for these kernels only; the user's own compiles are untouched.
+(No effect on the CPU, where compiled code divides exactly anyway.)"""
+
+FLOAT8_SCHEMES = ("nvfp4",) + tuple(FP8_SCHEMES)
+"""Schemes whose kernels cast to float8 (E4M3 block scales, FP8 values)."""
 
 
 # ----------------------------------------------------------------------------
@@ -107,6 +129,45 @@ def compile_works() -> bool:
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
     return True
+
+
+def _compile_options() -> dict:
+    import torch._inductor.config as inductor_config
+
+    numerics = getattr(inductor_config, "eager_numerics", None)
+    if numerics is None or not hasattr(numerics, "division_rounding"):  # older torch: no such option
+        return {}
+    return dict(COMPILE_OPTIONS)
+
+
+def compile_kernel(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
+    """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS` (exact division), as every fp4lib kernel."""
+    return torch.compile(fn, dynamic=dynamic, options=_compile_options())
+
+
+@functools.lru_cache(maxsize=None)
+def _float8_compiles(device_type: str, index: Optional[int]) -> bool:
+    if device_type != "cuda":
+        return True
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    cap = torch.cuda.get_device_capability(device)
+    ok = cap >= (8, 9)
+    if not ok:
+        _log.warning("fp4lib: %s has compute capability %d.%d, below 8.9: Triton cannot cast to float8 there, so "
+                     "the %s kernels run their eager (fused) formulation on it; identical numbers, slower",
+                     torch.cuda.get_device_name(device), cap[0], cap[1], ", ".join(FLOAT8_SCHEMES))
+    return ok
+
+
+def float8_compiles(device: torch.device) -> bool:
+    """Whether compiled kernels may cast to float8 on ``device``: the CPU, or a CUDA GPU of
+    compute capability 8.9 or above (L4, H100, B200). Below (A100, T4) Triton rejects
+    float8 casts, so :data:`FLOAT8_SCHEMES` run eagerly there; said once per device (logging)."""
+    device = torch.device(device)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _float8_compiles(device.type, index)
 
 
 def _bits(t):
@@ -291,7 +352,7 @@ def _verified(name: str) -> VerifiedCompiled:
     # bitsandbytes' blocks: one kernel for every block count. The E2M1 schemes: the
     # first shape compiled statically (twice as fast here), later shapes dynamically.
     fn, dynamic, valid = {"bnb": (_bnb_packed, True, 2), "e2m1": (_e2m1_packed, None, 4)}[name]
-    return VerifiedCompiled(fn, torch.compile(fn, dynamic=dynamic), valid_output=valid)
+    return VerifiedCompiled(fn, compile_kernel(fn, dynamic=dynamic), valid_output=valid)
 
 
 def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_rule: Optional[str] = None,
@@ -332,7 +393,11 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
         return None
     x2 = x32.reshape(-1, shape[-1])
     key = ("e2m1", scheme, scale_rule, tile, tuple(x2.shape), x32.device.type)
-    packed, scale, tensor_scale, clipped, finite = _verified("e2m1").call(key, label, x2, scheme, scale_rule, tile)
+    kernel = _verified("e2m1")
+    if scheme in FLOAT8_SCHEMES and not float8_compiles(x32.device):
+        packed, scale, tensor_scale, clipped, finite = kernel.fn(x2, scheme, scale_rule, tile)
+    else:
+        packed, scale, tensor_scale, clipped, finite = kernel.call(key, label, x2, scheme, scale_rule, tile)
     if not bool(finite):
         return None
     packed = packed.reshape(*shape[:-1], shape[-1] // 2)
@@ -490,10 +555,12 @@ class _CompiledFakeQuant:
     """
 
     def __init__(self):
-        stages = (torch.compile(_stage_scales, dynamic=False), torch.compile(_stage_apply, dynamic=False))
+        stages = (compile_kernel(_stage_scales, dynamic=False), compile_kernel(_stage_apply, dynamic=False))
         self.kernel = VerifiedCompiled(fake_quant_fused, functools.partial(fake_quant_fused, stages=stages))
 
     def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None):
+        if scheme in FLOAT8_SCHEMES and not float8_compiles(x.device):  # the fused formulation, eagerly
+            return fake_quant_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax)
         key = (scheme, axis, rounding, tile, scale_rule, tensor_amax is not None, tuple(x.shape), x.device.type)
         label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
                  f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type})")

@@ -28,7 +28,7 @@ _SEED_MUL = 0x85EBCA77  # multiplies the seed
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B
 _MASK32 = 0xFFFFFFFF
-_U24 = 1.0 / (1 << 24)
+_U24 = 2.0**-24
 MAX_HASH_INDEX = 2**31  # element indices are int32
 
 
@@ -69,13 +69,16 @@ def _wrap32(c: int) -> int:
     return c - (1 << 32) if c >= (1 << 31) else c
 
 
-def seed_term(seed: int) -> torch.Tensor:
-    """The seed's share of the hash, ``seed * 0x85EBCA77 mod 2**32``, as an int32 0-d tensor.
+def seed_term(seed: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The seed's share of the hash, ``seed * 0x85EBCA77 mod 2**32``, as an int32 0-d tensor on ``device``.
 
     Computed once per call in Python, so that a compiled kernel is not
-    re-specialised for every step's seed and needs no 64-bit multiplies.
+    re-specialised for every step's seed and needs no 64-bit multiplies. Made
+    on ``device`` by a fill (``torch.full``), not copied there from the host: a
+    GPU step calls this for every operand, and a host-to-device copy each time
+    would cost more than the quantization it seeds.
     """
-    return torch.tensor(_wrap32(int(seed) * _SEED_MUL), dtype=torch.int32)
+    return torch.full((), _wrap32(int(seed) * _SEED_MUL), dtype=torch.int32, device=device)
 
 
 def hash_uniform(index: torch.Tensor, seed_t: torch.Tensor) -> torch.Tensor:
@@ -121,4 +124,4 @@ def cheap_uniform(shape, seed: int, device: Optional[torch.device] = None, offse
     if not (0 <= offset and offset + n < MAX_HASH_INDEX):
         raise ValueError(f"offset + numel = {offset + n} must lie in [0, 2**31): the hash indexes elements with int32")
     idx = torch.arange(offset, offset + n, device=device, dtype=torch.int32)
-    return hash_uniform(idx, seed_term(seed).to(idx.device)).reshape(tuple(shape))
+    return hash_uniform(idx, seed_term(seed, idx.device)).reshape(tuple(shape))

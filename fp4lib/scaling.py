@@ -74,6 +74,7 @@ __all__ = [
     "nvfp4_block_scales",
     "nvfp4_four_over_six",
     "e4m3_round_up",
+    "exact_constant",
     "resolve_scale_rule",
     "FP8_SCHEMES",
     "fp8_tensor_scale",
@@ -364,7 +365,7 @@ def dynamic_map_8bit() -> torch.Tensor:
     for i in range(exponent_bits):
         n_points = 2**i + 1
         edges = torch.linspace(0.1, 1, n_points, dtype=torch.float32)
-        means = (edges[:-1] + edges[1:]) / 2.0
+        means = (edges[:-1] + edges[1:]) * 0.5  # exact halving, as a division by 2
         decade = 10 ** (-(exponent_bits - 1) + i)
         data += (decade * means).tolist()  # float32 products
         data += (-decade * means).tolist()
@@ -459,6 +460,30 @@ def _handle_nonfinite(x: torch.Tensor, nonfinite: str) -> Tuple[torch.Tensor, in
 # Scale arithmetic: written once, used by the reference below and by the
 # compiled kernels of fp4lib.kernels (plain tensor operations only)
 # ----------------------------------------------------------------------------
+def exact_constant(like: torch.Tensor, value: float) -> torch.Tensor:
+    """``value`` as a float32 tensor of ``like``'s shape and device, computed at run time.
+
+    The divisor of a device-independent division. ``t / 6.0`` divides exactly on
+    the CPU, but CUDA multiplies by the reciprocal of a Python number (or of a
+    CPU scalar tensor), and Inductor does the same on the GPU for any divisor it
+    can prove constant (``full_like`` included): about a third of float32
+    quotients by 6 come out one ulp off. ``t / exact_constant(t, 6.0)`` is a true
+    division everywhere: eagerly on any device, and in compiled code where
+    Inductor divides exactly (``eager_numerics.division_rounding``, which
+    :mod:`fp4lib.kernels` sets for its kernels). ``value`` must be a float32 number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.tensor([1.0, 7.0])
+    >>> torch.equal(t / exact_constant(t, 6.0), t / 6.0)  # on the CPU both divide exactly
+    True
+    """
+    # (bits & 0) is 0, but not a value the compiler can fold into a constant.
+    zero = (like.float().view(torch.int32) & 0).to(torch.float32)
+    return zero + value
+
+
 def e2m1_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     """One E2M1 scale for a whole tensor: ``amax / 6`` (1 when amax is 0), float32.
 
@@ -468,7 +493,7 @@ def e2m1_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     >>> e2m1_tensor_scale(torch.tensor([12.0, 0.0])).tolist()
     [2.0, 1.0]
     """
-    return torch.where(amax > 0, amax / E2M1_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / exact_constant(amax, E2M1_MAX), torch.ones_like(amax))
 
 
 def bnb_scale_blocks(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -576,7 +601,7 @@ def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.T
     candidate. ``s_enc_b = 1 / (s_dec_b * s_dec)``, or 0 for a block whose scale
     rounds to 0 (it can only hold zeros).
     """
-    ideal = (amax_b / target) * s_enc
+    ideal = (amax_b / exact_constant(amax_b, target)) * s_enc
     if rule == "up":
         s_dec_b = e4m3_round_up(ideal)
     else:

@@ -147,7 +147,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 class TrainResult:
     """What a run produced. ``train_losses[i]`` is the loss of step ``i + 1``;
     ``val_losses`` holds ``(step, loss)`` pairs; ``step_ms`` the wall time of each
-    step (milliseconds, evaluation excluded)."""
+    step (milliseconds, evaluation excluded; on a GPU, from the step's start to the
+    queuing of its optimizer step, whose GPU work ends within the next step's one
+    host sync, so that the median is the steady step time)."""
 
     final_val_loss: float
     train_losses: List[float]
@@ -296,11 +298,12 @@ class Trainer:
                                  for _ in range(self.config.eval_batches)]
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
         with self._autocast():
-            for batch in self._val_batches:
-                total += float(self.loss_fn(self.model, self._to_device(batch)))
+            losses = [self.loss_fn(self.model, self._to_device(batch)).detach().float() for batch in self._val_batches]
         self.model.train(was_training)
+        total = 0.0
+        for v in torch.stack(losses).tolist():  # one host sync for all batches
+            total += v
         return total / len(self._val_batches)
 
     def save_checkpoint(self) -> None:
@@ -431,23 +434,27 @@ class Trainer:
                     tokens_per_step = batch[0].numel()
                 with self._autocast():
                     loss = self.loss_fn(self.model, batch)
-                loss_value = float(loss.detach())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if hasattr(grad_norm_t, "full_tensor"):  # a DTensor (FSDP2): its value on every rank
+                    grad_norm_t = grad_norm_t.full_tensor()
+                # The step's one host sync: the loss and the gradient norm read together, before
+                # the optimizer step, so that the divergence guard can still stop it.
+                loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm_t.float()]).tolist()
                 if not math.isfinite(loss_value):
                     raise self._diverged(step, loss_value, "the loss is not finite")
                 if cfg.blowup_factor is not None and loss_value > cfg.blowup_factor * self.best_loss:
                     raise self._diverged(step, loss_value,
                                          f"the loss exceeds {cfg.blowup_factor} x the best loss so far ({self.best_loss:.4f})")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
                 if not math.isfinite(grad_norm):
                     raise self._diverged(step, loss_value, "the gradient norm is not finite")
                 lr = lr_at(step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                # No synchronisation for the clock: on a GPU the optimizer step queued here
+                # finishes inside the next step's read, so the median is the steady step time.
                 ms = (time.perf_counter() - t0) * 1e3
                 self.step = step
                 self.best_loss = min(self.best_loss, loss_value)

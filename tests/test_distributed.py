@@ -108,6 +108,7 @@ def test_cli_errors_name_the_problem(tmp_path):
         cmd = (TORCHRUN + [f"--nproc_per_node={dist_run}", "--master_addr=127.0.0.1", f"--master_port={_port()}",
                            "-m"] if dist_run else [sys.executable, "-m"])
         return subprocess.run(cmd + ["fp4lib.train", "--preset", "tiny", "--steps", "2", "--backend", "fused",
+                                     "--device", "cpu",
                                      "--out", str(tmp_path / "cli"), "--no-progress", *args],
                               capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
 
@@ -129,7 +130,8 @@ def test_fp8_gradient_allreduce_sends_a_quarter_of_the_bytes_and_trains_alike(tm
     runs = {}
     for gc in ("fp32", "fp8"):
         out = torchrun(2, ["-m", "fp4lib.train", "--recipe", "nvfp4", "--preset", "tiny", "--steps", "6", "--dist", "ddp",
-                           "--grad-comm", gc, "--backend", "fused", "--out", tmp_path / gc, "--no-progress"])
+                           "--grad-comm", gc, "--backend", "fused", "--device", "cpu", "--out", tmp_path / gc,
+                           "--no-progress"])
         lines = out.stdout.strip().splitlines()
         comm = next(l for l in lines if l.startswith("gradient all-reduce:"))
         runs[gc] = (int(comm.split()[2].replace(",", "")), float(lines[-1].split(": ")[1]))
@@ -137,6 +139,18 @@ def test_fp8_gradient_allreduce_sends_a_quarter_of_the_bytes_and_trains_alike(tm
     n_params = b32 // 4  # FP32 gradients, one bucket at this size
     assert b8 == n_params + 4  # one byte per gradient, one FP32 scale
     assert abs(loss8 - loss32) < 0.01
+
+
+def test_auto_device_takes_the_cpu_with_fewer_gpus_than_ranks(monkeypatch):
+    from fp4lib import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(UserWarning, match="2 processes on this machine but 1 GPU"):
+        assert not distributed._use_cuda("auto", 2)
+    assert distributed._use_cuda("auto", 1)
+    assert distributed._use_cuda("cuda", 2)  # told: as told
+    assert not distributed._use_cuda("cpu", 1)
 
 
 def test_communication_formulas():

@@ -11,12 +11,17 @@ from fp4lib.interop import block_scaled_matmul, fp4_gemm, fp4_gemm_available, ge
 SCHEMES = ["mxfp4", "nvfp4"]
 
 
-def operands(scheme, m=48, n=32, k=256, seed=0, heavy=False, tile=False):
+def inputs(m=48, n=32, k=256, seed=0, heavy=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k, generator=g)
     if heavy:  # rows and blocks whose scales span many binades
         x = x * torch.rand(m, k // 32, generator=g).mul(16).exp2().repeat_interleave(32, 1)
+    return x, w
+
+
+def operands(scheme, m=48, n=32, k=256, seed=0, heavy=False, tile=False):
+    x, w = inputs(m, n, k, seed, heavy)
     kw = {"tile": True} if tile else {}
     return quantize(x, scheme, backend="reference"), quantize(w, scheme, backend="reference", **kw)
 
@@ -74,17 +79,34 @@ def test_bad_operands_are_named():
         fp4_gemm(a, b)
 
 
+def test_nvfp4_is_not_idempotent_on_many_binades():
+    """Why the GPU test below quantizes the same inputs on both devices: re-quantizing a
+    dequantized NVFP4 tensor need not give its bytes back (its amax, hence the per-tensor
+    scale, changes, and with it block scales near E4M3's rounding boundaries)."""
+    a, _ = operands("nvfp4", m=256, n=128, k=512, heavy=True)
+    again = quantize(a.dequantize(), "nvfp4", backend="reference")
+    assert not (torch.equal(again.packed, a.packed) and torch.equal(again.scale.view(torch.uint8),
+                                                                    a.scale.view(torch.uint8)))
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not fp4_gemm_available(), reason="needs a GPU with block-scaled FP4 GEMMs (compute capability 10.x)")
+@pytest.mark.skipif(not fp4_gemm_available(), reason="needs a GPU with block-scaled FP4 GEMMs (compute capability 10.x or 12.x)")
 @pytest.mark.parametrize("heavy", [False, True], ids=["gaussian", "many-binades"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_gpu_gemm_agrees_with_the_emulation(scheme, heavy):
-    a, b = operands(scheme, m=256, n=128, k=512, heavy=heavy)
+    x, w = inputs(m=256, n=128, k=512, heavy=heavy)
+    a, b = quantize(x, scheme, backend="reference"), quantize(w, scheme, backend="reference")
     y_cpu = block_scaled_matmul(a, b)
-    a_gpu = quantize(a.dequantize().cuda(), scheme, backend="reference")
-    b_gpu = quantize(b.dequantize().cuda(), scheme, backend="reference")
-    assert torch.equal(a_gpu.packed.cpu(), a.packed)  # the same bytes on both sides
-    y = fp4_gemm(a_gpu, b_gpu).cpu()
+    for backend in ("reference", "auto"):  # the same inputs quantized on the GPU: the same bytes
+        a_gpu = quantize(x.cuda(), scheme, backend=backend)
+        b_gpu = quantize(w.cuda(), scheme, backend=backend)
+        for q, q_gpu in ((a, a_gpu), (b, b_gpu)):
+            assert torch.equal(q_gpu.packed.cpu(), q.packed)
+            assert torch.equal(q_gpu.scale.cpu().view(torch.uint8), q.scale.view(torch.uint8))
+            if q.global_scale is not None:
+                assert torch.equal(q_gpu.global_scale.cpu(), q.global_scale)
+    y = fp4_gemm(a_gpu, b_gpu).cpu().float()
     blocks = a.shape[1] // a.block_size
     bound = blocks * 2.0**-24 * (a.dequantize().abs() @ b.dequantize().abs().T)
-    assert ((y - y_cpu).abs() <= 2 * bound + 1e-30).all()
+    # bf16 output: up to two roundings to bfloat16 (the GEMM's, and NVFP4's after its scale)
+    assert ((y - y_cpu).abs() <= 2 * bound + 2.0**-7 * y_cpu.abs() + 1e-30).all()
