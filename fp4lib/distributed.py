@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -158,10 +159,9 @@ def _use_cuda(device: str, local_world_size: int) -> bool:
         return True
     gpus = torch.cuda.device_count()
     if gpus < local_world_size:
-        import warnings
-
-        warnings.warn(f"{local_world_size} processes on this machine but {gpus} GPU(s): running on the CPU "
-                      "with gloo (pass --device cuda to insist on the GPUs)")
+        logging.getLogger(__name__).warning(
+            "%d processes on this machine but %d GPU(s): running on the CPU with gloo (pass --device cuda to "
+            "insist on the GPUs)", local_world_size, gpus)
         return False
     return True
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -120,8 +119,8 @@ def compile_works() -> bool:
     except Exception as e:  # any failure of the toolchain means: do not compile here
         problem = f"{type(e).__name__}: {str(e)[:200]}"
     if problem is not None:
-        warnings.warn(f"torch.compile does not work here ({problem}); fp4lib runs its eager paths instead "
-                      "(identical numbers, slower)")
+        _log.warning("torch.compile does not work here (%s); fp4lib runs its eager paths instead "
+                     "(identical numbers, slower)", problem)
         return False
     import torch._dynamo.config as dynamo_config
 
@@ -223,8 +222,8 @@ class VerifiedCompiled:
                 self.verified.add(key)
                 return fast
             self.fallback[key] = "the compiled kernel's bits differ from the eager formulation's"
-        warnings.warn(f"{label}: {self.fallback[key]}; using the eager formulation for it "
-                      "(identical to the reference, slower)")
+        _log.warning("%s: %s; using the eager formulation for it (identical to the reference, slower)",
+                     label, self.fallback[key])
         return eager
 
 
