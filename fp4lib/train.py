@@ -50,25 +50,23 @@ FINAL_LINE_PREFIX = "final val_loss: "
 SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; mix_seed hashes them
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {text!r}")
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {v}")
-    return v
+def _int_in(low: int, high: int, allowed: str):
+    """An argparse type: an integer in ``[low, high]``; ``allowed`` says so in the error message."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
+        return v
+
+    return parse
 
 
-def _threads(text: str) -> int:
-    cpus = os.cpu_count() or 1
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (this machine's CPUs), got {text!r}")
-    if not 1 <= v <= cpus:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (this machine's CPUs), got {v}")
-    return v
+_seed = _int_in(0, SEED_MAX, f"an integer in [0, {SEED_MAX}]")
+_threads = _int_in(1, os.cpu_count() or 1, f"an integer from 1 to {os.cpu_count() or 1} (this machine's CPUs)")
 
 
 def _seconds(text: str) -> float:
