@@ -126,24 +126,37 @@ def test_a_save_killed_at_any_point_resumes_to_the_uninterrupted_losses_and_ever
                      progress=False)
 
 
-def _forked(fault, *args, **kwargs):
-    """A child process (a fork of this one, so no start-up cost) that trains ``plain(*args, **kwargs)``
-    under the fault hook ``fault``."""
-    import multiprocessing
+class _Child:
+    """``python -m fp4lib.train`` in a child process, the run :func:`plain` makes (bf16, tiny, seed 0,
+    fused, CPU), under the fault hook ``fault``; ``join``, ``kill``, ``pid`` and ``exitcode``
+    as a ``multiprocessing.Process`` has them. A new interpreter, not a fork: forking a process
+    whose torch threads are running is unsafe (and fails on Python 3.12)."""
 
-    def child():
-        os.environ[FAULT_ENV] = fault
-        plain(*args, **kwargs)
+    def __init__(self, fault, out, steps):
+        cmd = [sys.executable, "-m", "fp4lib.train", "--recipe", "bf16", "--steps", str(steps), "--seed", "0",
+               "--out", str(out), "--threads", "1", *FAST]
+        self.proc = subprocess.Popen(cmd, env=_env(**{FAULT_ENV: fault}), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
 
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    return proc
+    def join(self, timeout=None):
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self):
+        self.proc.kill()
+
+    @property
+    def exitcode(self):
+        return self.proc.poll()
 
 
 def test_a_plain_save_killed_before_its_commit_keeps_the_previous_checkpoint(tmp_path, capsys):
     whole = plain(tmp_path / "whole", steps=STEPS)
     out = tmp_path / "crash"
-    proc = _forked(f"before_commit@{STEPS}", out, steps=STEPS)
+    proc = _Child(f"before_commit@{STEPS}", out, steps=STEPS)
     proc.join(120)
     assert proc.exitcode == FAULT_EXIT
     assert current_checkpoint(out).name == "ckpt-00000010" and (out / LOCK_FILE).exists()  # the dead run's lock
@@ -157,7 +170,7 @@ def test_a_plain_save_killed_before_its_commit_keeps_the_previous_checkpoint(tmp
 # ------------------------------------------------------------------ the output directory
 def test_a_second_live_run_on_one_directory_is_refused_naming_the_holder(tmp_path, capsys, caplog):
     out = tmp_path / "busy"
-    first = _forked("stall@2", out, steps=5)  # holds the lock, then stalls
+    first = _Child("stall@2", out, steps=5)  # holds the lock, then stalls
     try:
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # holds the lock, then stalls
