@@ -102,8 +102,11 @@ book: build-book
 build-book-stored: venv mathjax
 	rm -rf _build
 	mkdir -p _build
-	sed 's/^  execute_notebooks: force$$/  execute_notebooks: "off"/' _config.yml > _build/_config_stored.yml
+	# (the copy lives in _build/, and local extensions are found relative to the config)
+	sed -e 's/^  execute_notebooks: force$$/  execute_notebooks: "off"/' \
+	    -e 's|^    colab_buttons: book/_ext$$|    colab_buttons: ../book/_ext|' _config.yml > _build/_config_stored.yml
 	grep -q 'execute_notebooks: "off"' _build/_config_stored.yml
+	grep -q 'colab_buttons: ../book/_ext' _build/_config_stored.yml
 	$(VENV)/bin/jupyter-book build . --all -W --keep-going --config _build/_config_stored.yml
 
 unit: venv

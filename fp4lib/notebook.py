@@ -13,9 +13,8 @@ build has Jupyter Book. This module keeps the chapters' code the same in all of 
 * :func:`run_watched` runs a command (e.g. ``torchrun``) while a callable reports how
   far it got, for the bar.
 
-The book's build also loads this module as a Sphinx extension (:func:`setup`): the
-Colab button of a chapter then opens the chapter's Colab edition, ``book/colab/``,
-which ``tests/colab_edition.py`` writes from the chapter.
+:func:`colab_edition_path` names a chapter's Colab edition (``book/colab/``), which the
+book's Colab buttons open.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["glue", "Progress", "run_watched", "in_kernel"]
+__all__ = ["glue", "Progress", "run_watched", "in_kernel", "colab_edition_path"]
 
 #: Prefix of the MIME types under which myst-nb stores a glued value without showing it.
 GLUE_PREFIX = "application/papermill.record/"
@@ -189,25 +188,3 @@ def colab_edition_path(path: str) -> str:
     """
     folder, _, name = path.rpartition("/")
     return f"{folder}/{COLAB_EDITIONS}/{name}" if folder else f"{COLAB_EDITIONS}/{name}"
-
-
-def _point_colab_at_editions(app, pagename, templatename, context, doctree) -> None:
-    marker = "/blob/"
-
-    def visit(buttons):
-        for button in buttons:
-            if isinstance(button, dict):
-                if button.get("text") == "Colab" and marker in button.get("url", ""):
-                    head, _, tail = button["url"].partition(marker)
-                    branch, _, path = tail.partition("/")
-                    button["url"] = f"{head}{marker}{branch}/{colab_edition_path(path)}"
-                visit(button.get("buttons", []))
-
-    visit(context.get("header_buttons", []))
-
-
-def setup(app):
-    """Sphinx extension: after sphinx-book-theme made its launch buttons (priority 501),
-    point each page's Colab button at the page's Colab edition."""
-    app.connect("html-page-context", _point_colab_at_editions, priority=600)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}

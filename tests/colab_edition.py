@@ -26,7 +26,7 @@ The edition is the same notebook with that Markdown resolved at write time:
 Code cells, their stored outputs and the notebook metadata (GPU request included) are
 copied unchanged, so an edition runs exactly as its chapter does and shows the same
 outputs before it runs. The book's Colab buttons open the editions (the Sphinx hook in
-``fp4lib.notebook``). Editions are generated, never edited: ``tests/store_outputs.py``
+``book/_ext/colab_buttons.py``). Editions are generated, never edited: ``tests/store_outputs.py``
 rewrites a chapter's edition after storing its outputs, and
 ``tests/test_colab_editions.py`` fails when an edition differs from what this script
 writes. A directive or role this script does not know is an error, not raw text.

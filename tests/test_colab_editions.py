@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
 
 import colab_edition  # noqa: E402
 from browser_check import colab_url  # noqa: E402
@@ -81,7 +82,7 @@ def test_unknown_markup_is_an_error():
 
 
 def test_colab_buttons_open_the_editions(chapter):
-    # the book's Sphinx hook (fp4lib.notebook) and the browser check agree, and the file exists
+    # the book's Sphinx hook (book/_ext/colab_buttons.py) and the browser check agree, and the file exists
     page = chapter.relative_to(ROOT).with_suffix("").as_posix()
     url = colab_url(page)
     assert url.endswith("/" + colab_edition_path(f"{page}.ipynb"))
@@ -89,7 +90,7 @@ def test_colab_buttons_open_the_editions(chapter):
 
 
 def test_the_build_hook_rewrites_the_colab_button():
-    from fp4lib.notebook import _point_colab_at_editions
+    from colab_buttons import _point_colab_at_editions
 
     page = "book/01_fp4_bit_layout"
     theme_url = colab_url(page).replace("/book/colab/", "/book/")  # what sphinx-book-theme makes
