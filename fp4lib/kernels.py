@@ -105,6 +105,20 @@ FLOAT8_SCHEMES = ("nvfp4",) + tuple(FP8_SCHEMES)
 # ----------------------------------------------------------------------------
 # Compiling, checked
 # ----------------------------------------------------------------------------
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops the one notice a CUDA build of torch logs when it compiles CPU kernels on a
+    machine without a GPU ("No CUDA runtime is found, using CUDA_HOME=..."): it concerns
+    CUDA extensions, which fp4lib never builds there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return torch.cuda.is_available() or not str(record.msg).startswith("No CUDA runtime is found")
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_cuda_notice() -> None:
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
+
+
 @functools.lru_cache(maxsize=None)
 def compile_works() -> bool:
     """True when ``torch.compile`` runs here (on CPU it needs a C++ compiler).
@@ -112,6 +126,7 @@ def compile_works() -> bool:
     When it does not, the first call warns once, naming the error, so that the
     ``"auto"`` backends' choice of the eager paths is never silent.
     """
+    _quiet_cuda_notice()
     try:
         f = torch.compile(lambda t: t * 2 + 1)
         ok = bool(torch.equal(f(torch.ones(4)), torch.full((4,), 3.0)))
@@ -141,6 +156,7 @@ def _compile_options() -> dict:
 
 def compile_kernel(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
     """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS` (exact division), as every fp4lib kernel."""
+    _quiet_cuda_notice()
     return torch.compile(fn, dynamic=dynamic, options=_compile_options())
 
 

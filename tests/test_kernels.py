@@ -158,3 +158,16 @@ def test_a_kernel_whose_bits_differ_is_not_trusted(caplog):
     good = VerifiedCompiled(eager, eager)
     good.call(("k",), "fine", x)
     assert ("k",) in good.verified
+
+
+def test_a_cuda_build_of_torch_compiling_for_the_cpu_adds_no_notice_without_a_gpu(monkeypatch, caplog):
+    """Chapters compare stored outputs: the CUDA_HOME notice of PyPI's CUDA torch on a CPU-only machine is dropped."""
+    import logging
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kernels._quiet_cuda_notice()
+    log = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        log.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        log.warning("another notice")
+    assert [r.getMessage() for r in caplog.records] == ["another notice"]
