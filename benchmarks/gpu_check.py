@@ -18,7 +18,7 @@ On a machine with CUDA it
    least 99% of the elements (on GPUs with native bf16, compute capability 8.0+;
    on a T4 it says the check is skipped);
 4. on a GPU with block-scaled FP4 GEMMs (compute capability 10.x or 12.x), runs
-   ``fp4lib.interop.fp4_gemm`` for MXFP4 and NVFP4 and compares it with the CPU
+   ``fp4lib.engines.torchao.fp4_gemm`` for MXFP4 and NVFP4 and compares it with the CPU
    emulation ``block_scaled_matmul``: equal up to one float32 rounding per block
    accumulated; on other GPUs it says the GEMM is skipped;
 5. times about 200 training steps of the ``gpu`` preset for bf16, nvfp4 and mxfp4
@@ -92,7 +92,7 @@ def run_cuda_tests() -> bool:
 def compare_bnb(quant_type: str, shape, dtype, device: str = "cuda") -> dict:
     """bitsandbytes on ``device`` against fp4lib on the CPU, for one random tensor."""
     from fp4lib import quantize
-    from fp4lib.bnb_bridge import bnb_dequantize, bnb_quantize, from_bnb
+    from fp4lib.engines.bnb import bnb_dequantize, bnb_quantize, from_bnb
 
     gen = torch.Generator().manual_seed(hash((quant_type, shape, str(dtype))) % 2**31)
     x = torch.randn(shape, generator=gen).to(dtype)
@@ -127,8 +127,8 @@ def compare_bnb(quant_type: str, shape, dtype, device: str = "cuda") -> dict:
 
 def bf16_fidelity(device: str = "cuda") -> list:
     """Share of GEMM outputs under bf16 autocast equal to the bf16 rounding of the float32 path."""
-    from fp4lib.nn import FP4Linear
-    from fp4lib.recipes import get_recipe
+    from fp4lib.training.layers import FP4Linear
+    from fp4lib.training.recipes import get_recipe
 
     def three_gemms(spec, autocast):
         torch.manual_seed(0)
@@ -158,14 +158,14 @@ def bf16_fidelity(device: str = "cuda") -> list:
 
 
 def time_recipe(recipe: str, steps: int) -> dict:
-    from fp4lib.train import run_training
+    from fp4lib.training.run import run_training
 
     warmup = warmup_steps(steps)
     result = run_training(recipe, "gpu", steps=steps, seed=0, backend="auto", progress=False,
                           eval_every=steps)
     timed = result.step_ms[warmup:]
     ms = statistics.median(timed)
-    from fp4lib.train import PRESETS
+    from fp4lib.training.run import PRESETS
 
     p = PRESETS["gpu"]
     tokens = p.train.batch_size * p.model.block_size
@@ -177,7 +177,7 @@ def fp4_gemm_rows(device: str = "cuda") -> list:
     """``(scheme, m, n, k, max |gpu - emulation| / bound)`` for a few shapes; the bound is one
     float32 rounding per K block of the sum of |products|. Empty without an FP4 GEMM."""
     from fp4lib import quantize
-    from fp4lib.interop import block_scaled_matmul, fp4_gemm, fp4_gemm_available
+    from fp4lib.engines.torchao import block_scaled_matmul, fp4_gemm, fp4_gemm_available
 
     if not fp4_gemm_available():
         return []

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import machine, write_section  # noqa: E402
 
 from fp4lib import quantize  # noqa: E402
-from fp4lib.bnb_bridge import bnb_quantize  # noqa: E402
+from fp4lib.engines.bnb import bnb_quantize  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:

@@ -11,15 +11,17 @@ The public names::
 Bit 0 is the least significant bit of a code throughout.
 """
 
-from .formats import BNB_FP4, E2M1, FORMATS, NF4, CodeFields, ElementFormat
-from .hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
-from .packing import pack_nibbles, unpack_nibbles
-from .scaling import SCHEMES, NestedAbsmax, QuantizedTensor, fake_quantize, quantize
-from .specs import LinearSpec, QuantSpec
-from .nn import FP4Linear
-from .recipes import RECIPES, apply_recipe, get_recipe, mxfp4_recipe, naive_recipe, nvfp4_recipe
-from .model import GPT, GPTConfig
-from .trainer import Trainer, TrainConfig, TrainingDiverged
+from .numerics.formats import BNB_FP4, E2M1, FORMATS, NF4, CodeFields, ElementFormat
+from .numerics.hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
+from .numerics.packing import pack_nibbles, unpack_nibbles
+from .numerics.quantize import fake_quantize, quantize
+from .numerics.schemes import SCHEMES
+from .numerics.tensor import NestedAbsmax, QuantizedTensor
+from .training.specs import LinearSpec, QuantSpec
+from .training.layers import FP4Linear
+from .training.recipes import RECIPES, apply_recipe, get_recipe, mxfp4_recipe, naive_recipe, nvfp4_recipe
+from .training.model import GPT, GPTConfig
+from .training.loop import Trainer, TrainConfig, TrainingDiverged
 
 from ._version import __version__
 

@@ -17,10 +17,10 @@ writable, in use by another run, or not empty without ``--resume`` or
 with status 2 and one line naming the argument or file; a diverged run, and a
 collective that timed out (``--collective-timeout``), exit with status 1 and a
 message naming the step or the rank. Under ``torchrun`` with ``--dist`` the run is
-data-parallel (:mod:`fp4lib.distributed`); rank 0 alone prints. Checkpoints and the
-output directory's guard: :mod:`fp4lib.checkpoint`.
+data-parallel (:mod:`fp4lib.training.distributed`); rank 0 alone prints. Checkpoints and the
+output directory's guard: :mod:`fp4lib.training.checkpoint`.
 
-Sizes: :data:`fp4lib.training.PRESETS`. The engine is :mod:`fp4lib.training`;
+Sizes: :data:`fp4lib.training.run.PRESETS`. The engine is :mod:`fp4lib.training.run`;
 this module is its command line.
 """
 
@@ -36,15 +36,14 @@ from typing import List, Optional
 
 import torch
 
-from . import checkpoint, distributed
-from .checkpoint import RunDirError
-from .fake_quant import BACKEND_CHOICES
-from .recipes import RECIPES
-from .trainer import TrainingDiverged
-from .training import GPU_RUNTIME_NOTE, PRESETS, Preset, build_run, run_training
+from .training import checkpoint, distributed
+from .training.checkpoint import RunDirError
+from .numerics.schemes import Backend
+from .training.recipes import RECIPES
+from .training.loop import TrainingDiverged
+from .training.run import PRESETS, run_training
 
-__all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training", "main", "make_parser",
-           "FINAL_LINE_PREFIX"]
+__all__ = ["main", "make_parser", "FINAL_LINE_PREFIX"]
 
 FINAL_LINE_PREFIX = "final val_loss: "
 SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; mix_seed hashes them
@@ -140,7 +139,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a text file to train on (default: the Python standard library's source)")
     p.add_argument("--hp-final-fraction", dest="hp_final_fraction", type=_fraction,
                    default=None, help="run the last FRACTION of the steps in high precision (NVIDIA's remedy)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+    p.add_argument("--backend", default="auto", choices=[b.value for b in Backend],
                    help="fake-quant implementation (all give identical numbers; auto = compiled if possible)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between validation losses")
@@ -244,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _precheck_out(out: Path, resume: bool, overwrite: bool) -> None:
     """The output directory's problems that show before any work: a file, a
     directory that is not empty for a fresh run, no checkpoint to resume. (The run
-    itself takes the lock and checks again: :func:`fp4lib.checkpoint.claim`.)"""
+    itself takes the lock and checks again: :func:`fp4lib.training.checkpoint.claim`.)"""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} exists and is not a directory; --out needs a directory (new or a run's)")
     for parent in out.parents:

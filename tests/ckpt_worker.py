@@ -6,7 +6,7 @@ Each JOB is a JSON object: ``out`` (directory), ``mode`` (ddp or fsdp), ``steps`
 optionally ``resume``, ``overwrite``, ``amax_reduce``. The jobs run in order in one
 process group (nvfp4, tiny preset, fused backend, CPU); rank 0 writes RESULT, a JSON
 list with, per job, the losses or the ``ValueError`` that refused it. Crashes are
-injected by the caller through ``FP4LIB_TEST_FAULT`` (see :mod:`fp4lib.checkpoint`).
+injected by the caller through ``FP4LIB_TEST_FAULT`` (see :mod:`fp4lib.training.checkpoint`).
 """
 
 import dataclasses
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fp4lib import distributed
-from fp4lib.training import run_training
+from fp4lib.training import distributed
+from fp4lib.training.run import run_training
 
 
 def main() -> int:

@@ -7,7 +7,7 @@
   fixed number of examples and ``derandomize=True`` so CI sees the same examples
   every run.
 * ``bnb`` fixture: ``bitsandbytes.functional`` imported through
-  ``fp4lib.bnb_bridge.import_bitsandbytes`` (which silences its start-up log).
+  ``fp4lib.engines.bnb.import_bitsandbytes`` (which silences its start-up log).
 * ``device`` fixture (and the ``DEVICES`` params behind it): a test that takes
   ``device`` runs for "cpu" and "cuda"; the CUDA case is skipped, with a reason, on
   machines without a GPU.
@@ -68,7 +68,7 @@ def bnb():
     unchanged and the suite stays fast. Dynamo is disabled only while the test runs.
     """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from fp4lib.bnb_bridge import import_bitsandbytes
+    from fp4lib.engines.bnb import import_bitsandbytes
 
     F = import_bitsandbytes()
     import torch._dynamo

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py MODE OUT STEPS [--crash-at N] [--resume]
         [--nan-rank R --nan-step N] [--amax-reduce]
 
-Trains the tiny preset with nvfp4 through :func:`fp4lib.training.run_training` and the
+Trains the tiny preset with nvfp4 through :func:`fp4lib.training.run.run_training` and the
 data-parallel trainer; rank 0 writes ``result.json`` (losses, or the divergence) to OUT.
 ``--crash-at N`` stops every rank before step N (after the step-10 checkpoint);
 ``--nan-rank R --nan-step N`` poisons rank R's loss at step N.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fp4lib import distributed
-from fp4lib.trainer import TrainingDiverged, default_loss
-from fp4lib.training import run_training
+from fp4lib.training import distributed
+from fp4lib.training.loop import TrainingDiverged, default_loss
+from fp4lib.training.run import run_training
 
 
 class Crash(Exception):

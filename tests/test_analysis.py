@@ -1,4 +1,4 @@
-"""Tests for fp4lib.analysis (metrics, four-panel figure) and fp4lib.plotting."""
+"""Tests for fp4lib.numerics.analysis (metrics, four-panel figure) and fp4lib.display.plotting."""
 
 import math
 
@@ -13,14 +13,14 @@ from matplotlib.collections import LineCollection, PathCollection  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from fp4lib import fake_quantize, quantize  # noqa: E402
-from fp4lib.analysis import (  # noqa: E402
+from fp4lib.numerics.analysis import (  # noqa: E402
     error_metrics,
     four_panel_figure,
     quantized_nbytes,
     relative_error,
     weight_error_metrics,
 )
-from fp4lib.plotting import BOOK_RC, FORMAT_COLORS, Table, format_color, use_book_style  # noqa: E402
+from fp4lib.display.plotting import BOOK_RC, FORMAT_COLORS, Table, format_color, use_book_style  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +132,7 @@ def test_lp_bytes_must_be_positive_int():
 # Storage
 # ----------------------------------------------------------------------------
 def test_quantized_nbytes_for_the_seed_experiment():
-    from fp4lib.bnb_bridge import import_bitsandbytes
+    from fp4lib.engines.bnb import import_bitsandbytes
 
     F = import_bitsandbytes()
     x = _seeded(50)
@@ -143,7 +143,7 @@ def test_quantized_nbytes_for_the_seed_experiment():
 
 
 def test_quantized_nbytes_nested_state_matches_fp4lib_convention():
-    from fp4lib.bnb_bridge import import_bitsandbytes
+    from fp4lib.engines.bnb import import_bitsandbytes
 
     F = import_bitsandbytes()
     x = torch.randn(300 * 64, generator=torch.Generator().manual_seed(3))
@@ -281,7 +281,7 @@ def test_metrics_need_no_matplotlib():
     import subprocess
     import sys
 
-    code = ("import sys, torch; from fp4lib.analysis import error_metrics; "
+    code = ("import sys, torch; from fp4lib.numerics.analysis import error_metrics; "
             "error_metrics(torch.ones(3), torch.ones(3)); print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

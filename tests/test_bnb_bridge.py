@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fp4lib import quantize
-from fp4lib.bnb_bridge import bnb_dequantize, bnb_quantize, bnb_roundtrip, from_bnb, to_bnb
-from fp4lib.scaling import dynamic_map_8bit
+from fp4lib.engines.bnb import bnb_dequantize, bnb_quantize, bnb_roundtrip, from_bnb, to_bnb
+from fp4lib.numerics.reference import dynamic_map_8bit
 
 QUANT_TYPE = {"bnb_fp4": "fp4", "nf4": "nf4"}
 SCHEMES = ["bnb_fp4", "nf4"]
@@ -19,7 +19,7 @@ SCHEMES = ["bnb_fp4", "nf4"]
 SAFE_SHAPES = [(64,), (50,), (7, 13), (2, 128), (5, 64, 3), (1,)]
 # Multi-row shapes whose last axis is a multiple of 16 but not of the block size: the
 # bitsandbytes 0.50.2 AVX-512 dequantize returns wrong values for them (seen on AVX-512 CPUs;
-# fp4lib.bnb_bridge.bnb_cpu_decode_at_risk).
+# fp4lib.engines.bnb.bnb_cpu_decode_at_risk).
 AVX512_BUG_CASES = [((3, 48), 64), ((256, 256), 512), ((4, 80), 64), ((2, 3, 48), 64)]
 
 

@@ -1,4 +1,4 @@
-"""Runs that never lose or mix data (fp4lib.checkpoint): all-or-nothing checkpoints under
+"""Runs that never lose or mix data (fp4lib.training.checkpoint): all-or-nothing checkpoints under
 fault injection (2 gloo processes), the output directory's lock and guard, what a
 resume refuses, and one-line errors for bad input."""
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fp4lib import train
-from fp4lib.checkpoint import (CHECKPOINT_FILE, FAULT_ENV, FAULT_EXIT, LOCK_FILE, MANIFEST_FILE, POINTER_FILE,
+from fp4lib.training.checkpoint import (CHECKPOINT_FILE, FAULT_ENV, FAULT_EXIT, LOCK_FILE, MANIFEST_FILE, POINTER_FILE,
                                current_checkpoint)
 from fp4lib.study.__main__ import main as study_main
-from fp4lib.training import run_training
+from fp4lib.training.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,7 +182,7 @@ def test_a_second_live_run_on_one_directory_is_refused_naming_the_holder(tmp_pat
         first.kill()
         first.join()
     # The dead run's lock is stale: reclaimed, with a warning.
-    with caplog.at_level(logging.WARNING, logger="fp4lib.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.training.checkpoint"):
         code, stdout, err = cli(capsys, "--steps", "2", "--out", str(out), "--overwrite", *FAST)
     assert code == 0 and f"reclaimed a stale lock left by pid {first.pid}" in caplog.text
     assert not (out / LOCK_FILE).exists()
@@ -220,7 +220,7 @@ def test_a_partial_last_metrics_line_is_ignored_with_a_warning(tmp_path, caplog)
     whole = plain(out, steps=4)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')
-    with caplog.at_level(logging.WARNING, logger="fp4lib.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.training.checkpoint"):
         resumed = plain(out, steps=4, resume=True)
     assert resumed.train_losses == whole.train_losses
     assert "metrics.jsonl: ignoring its partial last line" in caplog.text

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp4lib import train, training
-from fp4lib.checkpoint import current_checkpoint
-from fp4lib.recipes import RECIPES
-from fp4lib.trainer import TrainingDiverged
+from fp4lib import train
+from fp4lib.training import run as training
+from fp4lib.training.checkpoint import current_checkpoint
+from fp4lib.training.recipes import RECIPES
+from fp4lib.training.loop import TrainingDiverged
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

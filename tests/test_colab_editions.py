@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "book" / "_ext"))
 import colab_edition  # noqa: E402
 from browser_check import colab_url  # noqa: E402
 
-from fp4lib.notebook import colab_edition_path  # noqa: E402
+from fp4lib.display.notebook import colab_edition_path  # noqa: E402
 
 CHAPTERS = colab_edition.chapters()
 
@@ -66,7 +66,7 @@ def test_literalincludes_become_the_library_code(chapter):
 
 def test_citations_and_glue_are_resolved():
     md = "{cite:t}`castro2025quartet` and {cite:p}`ocp2023mx,tseng2025mxfp4`; {term}`E2M1`, " \
-         "{term}`blocks <block scale>`, {py:func}`~fp4lib.interop.to_torchao`, {glue:text}`n:,d`"
+         "{term}`blocks <block scale>`, {py:func}`~fp4lib.engines.torchao.to_torchao`, {glue:text}`n:,d`"
     out = colab_edition.convert_markdown(md, CHAPTERS[0], {"n": "4096"}, colab_edition.read_bib())
     assert out == ("[Castro et al. (2025)](https://arxiv.org/abs/2505.14669) and ([Open Compute Project, 2023]"
                    "(https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf); "

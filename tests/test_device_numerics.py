@@ -9,7 +9,7 @@
   Inductor could prove constant (what it rewrites as a reciprocal product on the
   GPU, whatever its division settings).
 * Each kernel compiled as the library compiles it for CUDA (exact division,
-  ``fp4lib.kernels.COMPILE_OPTIONS``) gives the eager formulation's bits here.
+  ``fp4lib.numerics.kernels.COMPILE_OPTIONS``) gives the eager formulation's bits here.
 * A tensor quantized on a device equals the same tensor quantized on the CPU
   (the CUDA case runs under ``make gpu-check``).
 """
@@ -25,19 +25,23 @@ import pytest
 import torch
 
 import fp4lib
-from fp4lib import kernels, quantize
-from fp4lib.rounding import seed_term
-from fp4lib.scaling import SCHEMES, exact_constant
+from fp4lib import quantize
+from fp4lib.numerics import kernels
+from fp4lib.numerics.rounding import seed_term
+from fp4lib.numerics.scales import exact_constant
+from fp4lib.numerics.schemes import SCHEMES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NUMERIC_MODULES = ["scaling", "kernels", "fake_quant", "rounding", "formats", "hadamard", "nn", "interop",
-                   "bnb_bridge", "packing"]
+# Every module of the numerics and the engine bridges, and the training modules that touch tensors' values.
+NUMERIC_MODULES = sorted([f"{p.parent.name}.{p.stem}" for layer in ("numerics", "engines")
+                          for p in (Path(fp4lib.__file__).parent / layer).glob("*.py") if p.stem != "__init__"]
+                         + ["training.operands", "training.layers"])
 
 # Divisions by a number that never touch a tensor (plain Python arithmetic), by module
 # and source text. Only for such cases: a tensor divisor must be a tensor.
 ALLOWED = {
-    ("formats", "p / 12"),  # bitsandbytes' fp4 table as exact Python fractions, before any tensor exists
+    ("numerics.formats", "p / 12"),  # bitsandbytes' fp4 table as exact Python fractions, before any tensor exists
 }
 
 
@@ -74,7 +78,7 @@ def constant_divisions(source: str, module) -> list:
 
 def test_the_scan_finds_what_it_looks_for():
     src = "def f(x):\n    a = x / 6.0\n    b = x / E2M1_MAX\n    x /= 3\n    c = x / (1 << 24)\n    return x / y\n"
-    assert [t for _, t in constant_divisions(src, fp4lib.scaling)] == [
+    assert [t for _, t in constant_divisions(src, fp4lib.numerics.scales)] == [
         "x / 6.0", "x / E2M1_MAX", "x /= 3", "x / (1 << 24)"]
 
 
@@ -83,8 +87,8 @@ def test_no_division_by_a_python_number(name):
     module = importlib.import_module(f"fp4lib.{name}")
     source = Path(module.__file__).read_text()
     bad = [(line, text) for line, text in constant_divisions(source, module) if (name, text) not in ALLOWED]
-    assert not bad, (f"fp4lib/{name}.py divides by a Python number (CUDA multiplies by its reciprocal instead): "
-                     f"{bad}; divide by fp4lib.scaling.exact_constant(t, value), or multiply by an exact "
+    assert not bad, (f"fp4lib/{name.replace('.', '/')}.py divides by a Python number (CUDA multiplies by its reciprocal instead): "
+                     f"{bad}; divide by fp4lib.numerics.scales.exact_constant(t, value), or multiply by an exact "
                      "power of two")
 
 
@@ -163,7 +167,7 @@ def test_no_compiled_kernel_divides_by_a_constant():
     for gm in _graphs_of(kernels._bnb_packed, x.reshape(-1, 64), (0.1, 0.5), torch.arange(3, dtype=torch.uint8)):
         bad += [("bnb", b) for b in _constant_divisors(gm)]
     for scheme, axis, rounding, tile, rule in FAKE_QUANT_CASES:
-        for gm in _graphs_of(kernels.fake_quant_fused, x, seed_term(7), scheme, axis, rounding, tile, rule):
+        for gm in _graphs_of(kernels.fake_quantize_fused, x, seed_term(7), scheme, axis, rounding, tile, rule):
             bad += [(scheme, axis, rounding, tile, rule, b) for b in _constant_divisors(gm)]
     assert not bad, bad
 
@@ -226,8 +230,8 @@ def test_compiled_fake_quant_kernels_give_the_eager_bits(compiles):
               kernels.compile_kernel(kernels._stage_apply, dynamic=False))
     for scheme, axis, rounding, tile, rule in FAKE_QUANT_CASES:
         args = (x, seed_term(11), scheme, axis, rounding, tile, rule)
-        fast = kernels.fake_quant_fused(*args, stages=stages)
-        eager = kernels.fake_quant_fused(*args)
+        fast = kernels.fake_quantize_fused(*args, stages=stages)
+        eager = kernels.fake_quantize_fused(*args)
         assert all(_same(a, b) for a, b in zip(fast, eager)), (scheme, axis, rounding, tile, rule)
 
 
@@ -251,15 +255,15 @@ def test_quantizing_on_a_device_gives_the_cpu_bytes(device, scheme):
 def test_fake_quant_on_a_device_gives_the_cpu_bits(device, spec_args):
     if device == "cpu":
         pytest.skip("the CPU is the reference here; its backends are compared in test_kernels.py")
-    from fp4lib.fake_quant import fake_quant_factored
-    from fp4lib.specs import QuantSpec
+    from fp4lib.training.operands import fake_quantize_operand
+    from fp4lib.training.specs import QuantSpec
 
     scheme, axis, rounding, tile, rule = spec_args
     spec = QuantSpec(scheme, rounding=rounding, tile=tile, scale_rule=rule)
     x = _x(64, 128, seed=5)
-    ref = fake_quant_factored(x, spec, axis, seed=99, backend="reference")
+    ref = fake_quantize_operand(x, spec, axis, seed=99, backend="reference", factored=True)
     for backend in ("reference", "fused", "compiled"):
-        got = fake_quant_factored(x.to(device), spec, axis, seed=99, backend=backend)
+        got = fake_quantize_operand(x.to(device), spec, axis, seed=99, backend=backend, factored=True)
         assert all(_same(a, b) for a, b in zip(got, ref)), backend
 
 
@@ -277,7 +281,7 @@ def test_float8_kernels_run_eagerly_below_sm89_and_say_so_once(monkeypatch, capl
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
     try:
-        with caplog.at_level(logging.WARNING, logger="fp4lib.kernels"):
+        with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
             assert not kernels._float8_compiles("cuda", 0)
             assert not kernels._float8_compiles("cuda", 0)
         assert len(caplog.records) == 1 and "8.0, below 8.9" in caplog.text and "A100" in caplog.text
@@ -288,7 +292,7 @@ def test_float8_kernels_run_eagerly_below_sm89_and_say_so_once(monkeypatch, capl
 
 
 def test_seeds_are_made_on_the_operands_device_and_hadamard_matrices_are_cached():
-    from fp4lib.hadamard import _cached_matrix, hadamard_matrix
+    from fp4lib.numerics.hadamard import _cached_matrix, hadamard_matrix
 
     t = seed_term(12345, torch.device("cpu"))
     assert t.dtype == torch.int32 and t.shape == () and int(t) == int(seed_term(12345))
@@ -301,8 +305,8 @@ def test_seeds_are_made_on_the_operands_device_and_hadamard_matrices_are_cached(
 
 def test_a_training_step_reads_the_device_once():
     """One host read per step (loss and gradient norm together), one per evaluation."""
-    from fp4lib.training import build_run, PRESETS
-    from fp4lib.trainer import Trainer
+    from fp4lib.training.run import build_run, PRESETS
+    from fp4lib.training.loop import Trainer
 
     model, _, train, val, _ = build_run("nvfp4", "tiny", seed=0, backend="fused")
     steps = 4

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun: 2 processes on gloo, DDP and FSDP2 (fp4lib.distributed)."""
+"""Data-parallel training under torchrun: 2 processes on gloo, DDP and FSDP2 (fp4lib.training.distributed)."""
 
 import json
 import logging
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp4lib.checkpoint import current_checkpoint
-from fp4lib.training import run_training
+from fp4lib.training.checkpoint import current_checkpoint
+from fp4lib.training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -143,11 +143,11 @@ def test_fp8_gradient_allreduce_sends_a_quarter_of_the_bytes_and_trains_alike(tm
 
 
 def test_auto_device_takes_the_cpu_with_fewer_gpus_than_ranks(monkeypatch, caplog):
-    from fp4lib import distributed
+    from fp4lib.training import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with caplog.at_level(logging.WARNING, logger="fp4lib.distributed"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.training.distributed"):
         assert not distributed._use_cuda("auto", 2)
     assert "2 processes on this machine but 1 GPU" in caplog.text
     assert distributed._use_cuda("auto", 1)
@@ -156,7 +156,7 @@ def test_auto_device_takes_the_cpu_with_fewer_gpus_than_ranks(monkeypatch, caplo
 
 
 def test_communication_formulas():
-    from fp4lib.distributed import gradient_comm_bytes, weight_gather_bytes
+    from fp4lib.training.distributed import gradient_comm_bytes, weight_gather_bytes
 
     assert gradient_comm_bytes(1000, 2) == 4000  # ring all-reduce: 2 (n-1)/n of 4 kB
     assert gradient_comm_bytes(1000, 8, bits=16) == 2 * 7 / 8 * 2000

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fp4lib import BNB_FP4, E2M1, NF4, quantize
-from fp4lib.packing import pack_nibbles, unpack_nibbles
+from fp4lib.numerics.packing import pack_nibbles, unpack_nibbles
 
 FORMATS = {"e2m1": E2M1, "bnb_fp4": BNB_FP4, "nf4": NF4}
 

@@ -57,7 +57,7 @@ def test_the_installed_package_carries_its_corpus_types_version_and_licenses(ins
     target, elsewhere, env = installed
     assert (target / "fp4lib" / "py.typed").is_file()
     assert (target / "fp4lib" / "corpora" / "LICENSE-python.txt").is_file()
-    code = ("import fp4lib, importlib.metadata as m; from fp4lib.data import load_corpus; "
+    code = ("import fp4lib, importlib.metadata as m; from fp4lib.training.data import load_corpus; "
             "print(fp4lib.__version__, m.version('fp4lib'), load_corpus(None).sha256)")
     out = _run(["-c", code], elsewhere, env)
     assert out.returncode == 0, out.stderr

@@ -1,11 +1,11 @@
-"""Handing fp4lib's FP4 tensors to torchao and to FP4 GEMM layouts (fp4lib.interop), checked
+"""Handing fp4lib's FP4 tensors to torchao and to FP4 GEMM layouts (fp4lib.engines.torchao), checked
 against torchao's own quantizers and layout functions."""
 
 import pytest
 import torch
 
 from fp4lib import quantize
-from fp4lib.interop import from_torchao, gemm_operand, swizzle_scales, to_torchao, unswizzle_scales
+from fp4lib.engines.torchao import from_torchao, gemm_operand, swizzle_scales, to_torchao, unswizzle_scales
 
 torchao = pytest.importorskip("torchao")
 from torchao.prototype.mx_formats.mx_tensor import MXTensor, to_mx  # noqa: E402
@@ -104,8 +104,8 @@ def test_handover_errors_name_the_problem():
 def test_engine_switch_table_names_our_recipes_and_torchaos_real_names():
     import importlib
 
-    from fp4lib.interop import ENGINE_SWITCHES, TORCHAO_NAMES
-    from fp4lib.recipes import RECIPES, get_recipe
+    from fp4lib.engines.torchao import ENGINE_SWITCHES, TORCHAO_NAMES
+    from fp4lib.training.recipes import RECIPES, get_recipe
 
     assert set(ENGINE_SWITCHES) <= set(RECIPES)
     assert {"bf16", "fp8", "nvfp4", "mxfp4"} <= set(ENGINE_SWITCHES)

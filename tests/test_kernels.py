@@ -1,4 +1,4 @@
-"""The fast quantize paths (fp4lib.kernels) must equal the plain-PyTorch reference bit for bit."""
+"""The fast quantize paths (fp4lib.numerics.kernels) must equal the plain-PyTorch reference bit for bit."""
 
 import logging
 import warnings
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fp4lib import BNB_FP4, quantize
-from fp4lib import kernels, scaling
-from fp4lib.kernels import VerifiedCompiled, compile_works
+from fp4lib.numerics import kernels, scaling
+from fp4lib.numerics.kernels import VerifiedCompiled, compile_works
 
 SHAPES = [(4096,), (64, 48), (7, 13), (3, 1000), (1,), (130,)]
 BLOCK_SHAPES = [(4, 64), (3, 5, 32), (64, 96), (1, 32)]
@@ -147,12 +147,12 @@ def test_a_kernel_whose_bits_differ_is_not_trusted(caplog):
 
     k = VerifiedCompiled(eager, miscompiled)
     x = torch.randn(8)
-    with caplog.at_level(logging.WARNING, logger="fp4lib.kernels"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
         out = k.call(("key",), "my kernel", x)
     assert "my kernel: the compiled kernel's bits differ" in caplog.text
     assert torch.equal(out[0], x * 2)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fp4lib.kernels"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
         assert torch.equal(k.call(("key",), "my kernel", x)[0], x * 2)  # eager from then on, quietly
     assert caplog.records == []
     good = VerifiedCompiled(eager, eager)

@@ -1,13 +1,13 @@
-"""The memory account (:mod:`fp4lib.memory`) against real tensors."""
+"""The memory account (:mod:`fp4lib.training.memory`) against real tensors."""
 
 import pytest
 import torch
 
 from fp4lib import quantize
-from fp4lib.memory import PRESET_SHAPES, bits_per_element, bytes_by_kind, memory_account, memory_table
-from fp4lib.model import GPT, GPTConfig
-from fp4lib.recipes import get_recipe
-from fp4lib.specs import QuantSpec
+from fp4lib.training.memory import PRESET_SHAPES, bits_per_element, bytes_by_kind, memory_account, memory_table
+from fp4lib.training.model import GPT, GPTConfig
+from fp4lib.training.recipes import get_recipe
+from fp4lib.training.specs import QuantSpec
 
 CFG = GPTConfig(block_size=32, vocab_size=256, n_layer=3, n_head=2, n_embd=48)
 

@@ -1,4 +1,4 @@
-"""The tiny GPT (fp4lib.model) and the offline corpus (fp4lib.data)."""
+"""The tiny GPT (fp4lib.training.model) and the offline corpus (fp4lib.training.data)."""
 
 import gzip
 import math
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp4lib import data
-from fp4lib.data import (
+from fp4lib.training import data
+from fp4lib.training.data import (
     DEFAULT_MAX_BYTES,
     STDLIB_EXCLUDED_DIRS,
     TokenWindows,
@@ -20,7 +20,7 @@ from fp4lib.data import (
     stdlib_files,
     text_corpus,
 )
-from fp4lib.model import GPT, GPTConfig
+from fp4lib.training.model import GPT, GPTConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""FP4Linear and operand fake quantization (fp4lib.nn, fp4lib.fake_quant, fp4lib.kernels).
+"""FP4Linear and operand fake quantization (fp4lib.training.layers, fp4lib.training.operands, fp4lib.numerics.kernels).
 
 * The fused fast path equals the core-based reference bit for bit (eager always;
   compiled where torch.compile works).
@@ -18,20 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp4lib import block_hadamard, fake_quantize
-from fp4lib.fake_quant import (
-    fake_quant_factored,
-    fake_quant_operand,
+from fp4lib.training.operands import (
+    fake_quantize_operand,
     mix_seed,
-    reference_fake_quant,
-    reference_fake_quant_factored,
+    reference_operand,
 )
-from fp4lib.hadamard import hadamard_along, hadamard_signs
-from fp4lib.kernels import compile_works
-from fp4lib.nn import FP4Linear
-from fp4lib.rounding import hash_uniform, seed_term
-from fp4lib.specs import ROLES, LinearSpec, QuantSpec
-from fp4lib.recipes import get_recipe
-from fp4lib.rounding import cheap_uniform
+from fp4lib.numerics.hadamard import hadamard_along, hadamard_signs
+from fp4lib.numerics.kernels import compile_works
+from fp4lib.training.layers import FP4Linear
+from fp4lib.numerics.rounding import hash_uniform, seed_term
+from fp4lib.training.specs import ROLES, LinearSpec, QuantSpec
+from fp4lib.training.recipes import get_recipe
+from fp4lib.numerics.rounding import cheap_uniform
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
@@ -107,7 +105,7 @@ def test_hash_uniform_is_the_lowbias32_hash_and_cheap_uniform_lays_it_out():
 @pytest.mark.parametrize("axis", [0, 1])
 def test_reference_nearest_is_the_core_fake_quantize(spec, axis):
     x = awkward()
-    ref = reference_fake_quant(x, spec, axis)
+    ref = fake_quantize_operand(x, spec, axis, backend="reference")
     if spec.scheme == "e2m1_per_tensor":
         s = x.abs().max() / 6  # one scale: amax / 6
         grid = torch.cat([-E2M1_GRID.flip(0), E2M1_GRID]) * s
@@ -131,8 +129,9 @@ def test_reference_stochastic_picks_a_neighbour_of_nearest(spec):
     """Stochastic rounding lands on the nearest value or on the grid point on the other side."""
     x = torch.randn(32, 64)
     axis = 1
-    rtn = reference_fake_quant(x, QuantSpec(spec.scheme, tile=spec.tile, scale_rule=spec.scale_rule), axis)
-    sr = reference_fake_quant(x, spec, axis, seed=3)
+    rtn = fake_quantize_operand(x, QuantSpec(spec.scheme, tile=spec.tile, scale_rule=spec.scale_rule), axis,
+                                backend="reference")
+    sr = fake_quantize_operand(x, spec, axis, seed=3, backend="reference")
     # Same scales, so the SR value differs from RTN by at most one grid step on x's side.
     assert torch.all((sr - x).abs() <= (rtn - x).abs() + (sr - rtn).abs())
     assert torch.all(torch.sign(sr - rtn) * torch.sign(x - rtn) >= 0)
@@ -148,7 +147,7 @@ def test_stochastic_rounding_is_unbiased():
     x = torch.cat([x, torch.tensor([6.0])]).view(16, 32)
     spec = QuantSpec("e2m1_per_tensor", rounding="stochastic")
     n = 400
-    mean = torch.stack([fake_quant_operand(x, spec, 1, seed=s, backend="fused") for s in range(n)]).mean(0)
+    mean = torch.stack([fake_quantize_operand(x, spec, 1, seed=s, backend="fused") for s in range(n)]).mean(0)
     step = torch.where(x.abs() < 2, 0.5, torch.where(x.abs() < 4, 1.0, 2.0))
     assert torch.all((mean - x).abs() <= 5 * step / (2 * math.sqrt(n)))
     assert abs(float((mean - x).mean())) < 0.01  # no overall drift
@@ -156,7 +155,7 @@ def test_stochastic_rounding_is_unbiased():
 
 def test_per_tensor_scale_is_amax_over_6():
     x = torch.tensor([[12.0, 1.0, 0.9, -3.1] * 4])
-    out = reference_fake_quant(x, QuantSpec("e2m1_per_tensor"), axis=1)
+    out = fake_quantize_operand(x, QuantSpec("e2m1_per_tensor"), axis=1, backend="reference")
     # scale 2: 1/2 = 0.5 -> 0.5; 0.9/2 = 0.45 -> 0.5; -3.1/2 = -1.55 -> -1.5
     assert out[0, :4].tolist() == [12.0, 1.0, 1.0, -3.0]
 
@@ -169,8 +168,8 @@ def test_per_tensor_scale_is_amax_over_6():
 def test_fused_matches_reference_bit_for_bit(spec, axis):
     for seed in (0, 1):
         x = awkward(seed=seed)
-        ref = reference_fake_quant(x, spec, axis, seed=seed + 10)
-        fast = fake_quant_operand(x, spec, axis, seed=seed + 10, backend="fused")
+        ref = fake_quantize_operand(x, spec, axis, seed=seed + 10, backend="reference")
+        fast = fake_quantize_operand(x, spec, axis, seed=seed + 10, backend="fused")
         assert same_bits(fast, ref), (spec, axis, seed)
 
 
@@ -181,8 +180,8 @@ def test_fused_matches_reference_on_random_tensors(spec):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(32, 64, generator=g) * torch.rand(32, 1, generator=g).mul(20).exp2().div(2**10)
         for axis in (0, 1):
-            ref = reference_fake_quant(x, spec, axis, seed=seed)
-            assert same_bits(fake_quant_operand(x, spec, axis, seed=seed, backend="fused"), ref), (seed, axis)
+            ref = fake_quantize_operand(x, spec, axis, seed=seed, backend="reference")
+            assert same_bits(fake_quantize_operand(x, spec, axis, seed=seed, backend="fused"), ref), (seed, axis)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -191,7 +190,7 @@ def test_nonfinite_operand_gives_all_nan_in_both_paths(bad, spec):
     x = torch.randn(32, 64)
     x[4, 4] = bad
     for backend in ("reference", "fused"):
-        assert torch.isnan(fake_quant_operand(x, spec, 1, backend=backend)).all()
+        assert torch.isnan(fake_quantize_operand(x, spec, 1, backend=backend)).all()
 
 
 @pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
@@ -205,8 +204,8 @@ def test_compiled_matches_reference_bit_for_bit(spec):
     Compiling takes a few seconds the first time (inductor caches it on disk);
     ``benchmarks/train_step.py`` checks every recipe's compiled training step too."""
     x = awkward((64, 64), seed=2)
-    ref = reference_fake_quant(x, spec, 0, seed=5)
-    assert same_bits(fake_quant_operand(x, spec, 0, seed=5, backend="compiled"), ref)
+    ref = fake_quantize_operand(x, spec, 0, seed=5, backend="reference")
+    assert same_bits(fake_quantize_operand(x, spec, 0, seed=5, backend="compiled"), ref)
 
 
 # ----------------------------------------------------------------------------
@@ -246,8 +245,8 @@ def explicit_reference(x, w, b, spec: LinearSpec, call_seed: int):
             signs = hadamard_signs(sa.hadamard, had[gemm])
             a = hadamard_along(a, ROLES[ra][1], sa.hadamard, signs)
             bb = hadamard_along(bb, ROLES[rb][1], sa.hadamard, signs)
-        return (reference_fake_quant_factored(a, sa, ROLES[ra][1], seeds[ra]),
-                reference_fake_quant_factored(bb, sb, ROLES[rb][1], seeds[rb]))
+        return (reference_operand(a, sa, ROLES[ra][1], seeds[ra]),
+                reference_operand(bb, sb, ROLES[rb][1], seeds[rb]))
 
     def times_scales(product, sa, sb):
         scales = [s for s in (sa, sb) if s is not None]
@@ -440,7 +439,7 @@ def test_bf16_operands_of_every_quantized_role_are_exact():
         lin = get_recipe(name).linear
         for role, (_, axis, _) in ROLES.items():
             spec = getattr(lin, role)
-            values, _ = fake_quant_factored(x, dataclasses.replace(spec, hadamard=0), axis, seed=3)
+            values, _ = fake_quantize_operand(x, dataclasses.replace(spec, hadamard=0), axis, seed=3, factored=True)
             assert torch.equal(values.bfloat16().float(), values), (name, role)
 
 
@@ -449,7 +448,7 @@ def test_compiled_backend_that_disagrees_with_fused_falls_back_loudly(caplog):
     # kernel cache) must not be used: the first call per spec and shape compares them.
     import functools
 
-    from fp4lib import kernels
+    from fp4lib.numerics import kernels
 
     def bad_apply(*args):
         values, scale = kernels._stage_apply(*args)
@@ -457,13 +456,13 @@ def test_compiled_backend_that_disagrees_with_fused_falls_back_loudly(caplog):
 
     wrapper = kernels._CompiledFakeQuant.__new__(kernels._CompiledFakeQuant)
     wrapper.kernel = kernels.VerifiedCompiled(
-        kernels.fake_quant_fused,
-        functools.partial(kernels.fake_quant_fused, stages=(kernels._stage_scales, bad_apply)))
+        kernels.fake_quantize_fused,
+        functools.partial(kernels.fake_quantize_fused, stages=(kernels._stage_scales, bad_apply)))
     x = torch.randn(32, 64)
     seed_t = seed_term(3)
-    with caplog.at_level(logging.WARNING, logger="fp4lib.kernels"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
         out = wrapper(x, seed_t, "nvfp4", 1, "stochastic")
     assert re.search(r"scheme=nvfp4, block axis 1, rounding=stochastic.*bits differ", caplog.text)
-    ref = kernels.fake_quant_fused(x, seed_t, "nvfp4", 1, "stochastic")
+    ref = kernels.fake_quantize_fused(x, seed_t, "nvfp4", 1, "stochastic")
     assert same_bits(out[0], ref[0]) and same_bits(out[1], ref[1])
     assert same_bits(wrapper(x, seed_t, "nvfp4", 1, "stochastic")[0], ref[0])  # and stays on the fused path

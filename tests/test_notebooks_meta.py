@@ -141,7 +141,7 @@ def test_install_cell_installs_what_the_chapter_imports(notebook):
 def test_chapters_need_no_book_tooling(notebook):
     path, nb = notebook
     for module in ("myst_nb", "jupyter_book", "sphinx"):
-        assert module not in _imported_modules(nb), f"{path.name} imports {module}: use fp4lib.notebook"
+        assert module not in _imported_modules(nb), f"{path.name} imports {module}: use fp4lib.display.notebook"
 
 
 def test_only_gpu_chapters_ask_colab_for_a_gpu(notebook):

@@ -1,13 +1,13 @@
-"""Recipes: presets, ablations, and which layers apply_recipe swaps (fp4lib.recipes)."""
+"""Recipes: presets, ablations, and which layers apply_recipe swaps (fp4lib.training.recipes)."""
 
 import dataclasses
 import pytest
 import torch
 import torch.nn as nn
 
-from fp4lib.model import GPT, GPTConfig
-from fp4lib.nn import FP4Linear, QuantSpec
-from fp4lib.recipes import (
+from fp4lib.training.model import GPT, GPTConfig
+from fp4lib.training.layers import FP4Linear, QuantSpec
+from fp4lib.training.recipes import (
     RECIPES,
     Recipe,
     nvfp4_recipe,
@@ -124,7 +124,7 @@ def test_post_nvidia_ingredients_change_only_the_block_scale_rule():
 
 
 def test_hp_eval_evaluates_in_high_precision_and_trains_in_fp4():
-    from fp4lib.training import _hp_eval_loss
+    from fp4lib.training.run import _hp_eval_loss
 
     assert get_recipe("nvfp4_hp_eval").hp_eval and get_recipe("nvfp4_hp_eval").linear == get_recipe("nvfp4").linear
     model = fresh()

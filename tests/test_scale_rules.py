@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from fp4lib import fake_quantize, quantize
-from fp4lib.constants import E4M3_MAX
-from fp4lib.fake_quant import fake_quant_factored, reference_fake_quant_factored, tensor_amax_reduction
-from fp4lib.specs import QuantSpec
-from fp4lib.scaling import e4m3_round_up, fp8_fake_quantize, nvfp4_tensor_scale
+from fp4lib.numerics.constants import E4M3_MAX
+from fp4lib.training.operands import fake_quantize_operand, reference_operand, tensor_amax_reduction
+from fp4lib.training.specs import QuantSpec
+from fp4lib.numerics.reference import fp8_fake_quantize
+from fp4lib.numerics.scales import e4m3_round_up, nvfp4_tensor_scale
 
 E4M3_VALUES = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every finite, >= 0
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -134,11 +135,11 @@ def test_a_group_amax_sets_the_per_tensor_scale_on_every_path(spec):
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(6))
     group = x.abs().amax() * 3  # as if another rank held a larger value
     with tensor_amax_reduction(lambda amax: torch.maximum(amax, group)):
-        ref = reference_fake_quant_factored(x, spec, 1, seed=2, tensor_amax=_expected_amax(x, spec, group))
+        ref = reference_operand(x, spec, 1, seed=2, tensor_amax=_expected_amax(x, spec, group))
         for backend in ("reference", "fused"):
-            values, scale = fake_quant_factored(x, spec, 1, seed=2, backend=backend)
+            values, scale = fake_quantize_operand(x, spec, 1, seed=2, backend=backend, factored=True)
             assert torch.equal(values, ref[0]) and (scale is None or torch.equal(scale, ref[1])), backend
-    own = fake_quant_factored(x, spec, 1, seed=2, backend="fused")
+    own = fake_quantize_operand(x, spec, 1, seed=2, backend="fused", factored=True)
     assert torch.equal(own[0], ref[0]) == (spec.scheme == "mxfp4")  # MXFP4 has no per-tensor scale
     with pytest.raises(ValueError, match="below the tensor's own amax"):
         quantize(x, "nvfp4", tensor_amax=x.abs().amax() / 2)

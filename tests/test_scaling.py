@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from fp4lib import BNB_FP4, E2M1, NF4, SCHEMES, fake_quantize, quantize
-from fp4lib.bnb_bridge import bnb_dequantize
-from fp4lib.scaling import dynamic_map_8bit, mx_scale_exponents, nvfp4_tensor_scale
+from fp4lib.engines.bnb import bnb_dequantize
+from fp4lib.numerics.reference import dynamic_map_8bit
+from fp4lib.numerics.scales import mx_scale_exponents, nvfp4_tensor_scale
 
 BNB_SCHEMES = [("bnb_fp4", "fp4"), ("nf4", "nf4")]
 BNB_SHAPES = [(50,), (3, 48), (7, 13), (64,), (1,), (), (1000, 3), (5, 64, 3), (33,), (2, 4096 + 7), (128,)]

@@ -17,8 +17,9 @@ from fp4lib import study as ex
 from fp4lib.study import behaviour, definition
 from fp4lib.study.__main__ import main as study_main
 from fp4lib.study.runner import REFERENCE_KEYS
-from fp4lib.recipes import RECIPES
-from fp4lib.train import PRESETS, make_parser
+from fp4lib.training.recipes import RECIPES
+from fp4lib.train import make_parser
+from fp4lib.training.run import PRESETS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,21 +67,22 @@ def test_numerics_digest_follows_numbers_not_files(tmp_path):
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
     base = behaviour.numerics_digest()
     # a number-producing function moved to a module of its own, and its docs edited: still current
-    scaling = copy / "scaling.py"
-    text = scaling.read_text()
+    scales = copy / "numerics" / "scales.py"
+    text = scales.read_text()
     tree = ast.parse(text)
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "nvfp4_block_scales")
     lines = text.splitlines(keepends=True)
     body = "".join(lines[fn.lineno - 1:fn.end_lineno])
-    # the new module sees scaling's names as the function did; scaling imports it back at its end
-    (copy / "moved.py").write_text("from . import scaling as _scaling\n\n"
-                                   "globals().update({k: v for k, v in vars(_scaling).items() if k[:2] != '__'})\n\n\n"
-                                   + body.replace('"""', '"""Moved here. ', 1))
-    scaling.write_text(text.replace(body, "") + "\nfrom .moved import nvfp4_block_scales  # noqa: E402\n")
-    assert "def nvfp4_block_scales" not in scaling.read_text()
+    # the new module sees scales' names as the function did; scales imports it back at its end
+    (copy / "numerics" / "moved.py").write_text(
+        "from . import scales as _scales\n\n"
+        "globals().update({k: v for k, v in vars(_scales).items() if k[:2] != '__'})\n\n\n"
+        + body.replace('"""', '"""Moved here. ', 1))
+    scales.write_text(text.replace(body, "") + "\nfrom .moved import nvfp4_block_scales  # noqa: E402\n")
+    assert "def nvfp4_block_scales" not in scales.read_text()
     assert _digest_in(tmp_path, "b.numerics_digest()") == base
     # one constant changed: stale
-    constants = copy / "constants.py"
+    constants = copy / "numerics" / "constants.py"
     constants.write_text(constants.read_text().replace("NVFP4_4OVER6_SCALE_MAX = 256.0", "NVFP4_4OVER6_SCALE_MAX = 224.0"))
     assert _digest_in(tmp_path, "b.numerics_digest()") != base
 
@@ -93,7 +95,7 @@ def test_numerics_digest_is_the_same_under_other_cpu_kernels(tmp_path):
 
 
 def test_training_digest_follows_training_numbers(monkeypatch):
-    from fp4lib import training
+    from fp4lib.training import run as training
 
     base = behaviour.training_digest(recipes=("nvfp4_hp_final",))
     assert behaviour.training_digest(recipes=("nvfp4_hp_final",)) == base

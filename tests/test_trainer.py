@@ -1,4 +1,4 @@
-"""The model-agnostic Trainer (fp4lib.trainer): schedule, smoke run, resume, divergence guard."""
+"""The model-agnostic Trainer (fp4lib.training.loop): schedule, smoke run, resume, divergence guard."""
 
 import json
 import math
@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from fp4lib.checkpoint import current_checkpoint
-from fp4lib.data import TokenWindows
-from fp4lib.model import GPT, GPTConfig
-from fp4lib.recipes import apply_recipe
-from fp4lib.trainer import (
+from fp4lib.training.checkpoint import current_checkpoint
+from fp4lib.training.data import TokenWindows
+from fp4lib.training.model import GPT, GPTConfig
+from fp4lib.training.recipes import apply_recipe
+from fp4lib.training.loop import (
     CHECKPOINT_FILE,
     METRICS_FILE,
     TrainConfig,

@@ -2,11 +2,11 @@
 
 sphinx-book-theme builds the launch buttons from ``_config.yml``'s repository; after it
 (priority 501), this points each page's Colab button at ``book/colab/<chapter>.ipynb``
-(:func:`fp4lib.notebook.colab_edition_path`), the edition ``tests/colab_edition.py``
+(:func:`fp4lib.display.notebook.colab_edition_path`), the edition ``tests/colab_edition.py``
 writes with the book's markup resolved.
 """
 
-from fp4lib.notebook import colab_edition_path
+from fp4lib.display.notebook import colab_edition_path
 
 
 def _point_colab_at_editions(app, pagename, templatename, context, doctree) -> None:

@@ -125,16 +125,16 @@ def canary_tensors() -> dict:
 
 def _quantize_cases() -> Iterator[tuple]:
     """``(scheme, keyword arguments)`` for every path of :func:`fp4lib.quantize` the study can reach."""
-    from ..constants import SCALE_RULES
+    from ..numerics.schemes import scheme_info
 
     for scheme in ("bnb_fp4", "nf4"):
         for block_size in (64, 256):
             for double_quant in (False, True):
                 yield scheme, dict(block_size=block_size, double_quant=double_quant)
-    for rule in SCALE_RULES["mxfp4"]:
+    for rule in (r.value for r in scheme_info("mxfp4").scale_rules):
         for rounding in ("nearest", "stochastic"):
             yield "mxfp4", dict(scale_rule=rule, rounding=rounding)
-    for rule in SCALE_RULES["nvfp4"]:
+    for rule in (r.value for r in scheme_info("nvfp4").scale_rules):
         for tile in (False, True):
             for rounding in ("nearest", "stochastic"):
                 yield "nvfp4", dict(scale_rule=rule, tile=tile, rounding=rounding)
@@ -222,9 +222,9 @@ def training_digest(recipes: Optional[Sequence[str]] = None) -> str:
     kernels give another (see the module docs). ``recipes``: only these, and no
     underflow capture (for tests; the stored digest is of every recipe).
     """
-    from ..diagnostics import underflow_capture_hook
-    from ..recipes import RECIPES
-    from ..training import PRESETS, build_run, run_training
+    from ..training.diagnostics import underflow_capture_hook
+    from ..training.recipes import RECIPES
+    from ..training.run import PRESETS, build_run, run_training
     from .definition import UNDERFLOW_MODULE
 
     d = _Digest()

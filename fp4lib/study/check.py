@@ -66,8 +66,8 @@ def load_results(results_dir, names: Optional[Iterable[str]] = None) -> Dict[str
 
 
 def _current_corpus_sha(preset: str) -> str:
-    from ..data import load_corpus
-    from ..training import PRESETS
+    from ..training.data import load_corpus
+    from ..training.run import PRESETS
 
     return load_corpus(None, PRESETS[preset].corpus_bytes).sha256
 

@@ -16,16 +16,13 @@ __all__ = ["CODE_FILES", "PACKAGE_DIR", "FINGERPRINT_ENV", "code_hash", "numeric
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the fp4lib package, whose code is hashed
 
-CODE_FILES = (
-    "constants.py", "formats.py", "rounding.py", "scaling.py", "hadamard.py", "packing.py", "kernels.py",
-    "specs.py", "fake_quant.py", "nn.py", "recipes.py", "model.py", "data.py", "trainer.py", "training.py",
-    "diagnostics.py", "study/runner.py:run_experiment",
-)
-"""The code of ``fp4lib`` that decides a run's stored numbers: whole modules, and
-``module.py:function`` for the one function of the study that makes a record (the
-underflow capture hook it installs lives in ``diagnostics.py``). Recorded with each
-result as where it came from; whether a result is current is decided by what the
-code computes (:mod:`fp4lib.study.behaviour`), not by this hash."""
+CODE_FILES = ("numerics/*.py", "training/*.py", "study/runner.py:run_experiment")
+"""The code of ``fp4lib`` that decides a run's stored numbers: the numerics and
+training layers (glob patterns relative to the package), and ``module.py:function``
+for the one function of the study that makes a record. Recorded with each result as
+where it came from; whether a result is current is decided by what the code
+computes (:mod:`fp4lib.study.behaviour`), not by this hash, so that moving code
+between modules leaves stored results current."""
 
 FINGERPRINT_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
                    "DNNL_MAX_CPU_ISA")
@@ -59,7 +56,8 @@ def code_hash(files: Sequence[str] = CODE_FILES, package_dir: Path = PACKAGE_DIR
     """SHA-256 (hex) of the code of ``files`` in ``fp4lib``: their syntax trees with
     comments and docstrings removed, so that editing documentation does not make
     stored results stale, while any change to the code does. An entry
-    ``"module.py:name"`` hashes one top-level function or class of a module.
+    ``"module.py:name"`` hashes one top-level function or class of a module, and
+    an entry with ``*`` every module it matches.
 
     Examples
     --------
@@ -67,7 +65,13 @@ def code_hash(files: Sequence[str] = CODE_FILES, package_dir: Path = PACKAGE_DIR
     (64, True)
     """
     h = hashlib.sha256()
-    for entry in sorted(files):
+    entries = []
+    for entry in files:
+        if "*" in entry:
+            entries += sorted(p.relative_to(package_dir).as_posix() for p in package_dir.glob(entry))
+        else:
+            entries.append(entry)
+    for entry in sorted(entries):
         tree = _code_tree(package_dir, entry)
         h.update(entry.encode() + b"\0" + ast.dump(tree, include_attributes=False).encode() + b"\0")
     return h.hexdigest()

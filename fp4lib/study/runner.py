@@ -29,7 +29,7 @@ def run_experiment(run: Run, results_dir: Path, runs_dir: Path, backend: str = "
     digests (:mod:`fp4lib.study.behaviour`; default: computed now, with ``write``),
     stored in ``behaviour.json`` beside the result.
     """
-    from ..training import PRESETS, run_training
+    from ..training.run import PRESETS, run_training
     from .behaviour import canary_fingerprint, numerics_digest, store_behaviour, training_digest
 
     code_hash_value = code_hash_value or code_hash()
@@ -39,9 +39,9 @@ def run_experiment(run: Run, results_dir: Path, runs_dir: Path, backend: str = "
     captured: Dict[str, dict] = {}
     hooks = []
     if run.capture_steps:
-        from ..training import build_run
+        from ..training.run import build_run
 
-        from ..diagnostics import underflow_capture_hook
+        from ..training.diagnostics import underflow_capture_hook
 
         _, _, _, val, _ = build_run("bf16", run.preset)
         batch = val.sample(32, torch.Generator().manual_seed(0))

@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 
 from .rounding import cheap_uniform
+from .schemes import HADAMARD_SIZES
 
-__all__ = ["HADAMARD_SIZES", "hadamard_matrix", "random_signs", "block_hadamard", "inverse_block_hadamard",
+__all__ = ["hadamard_matrix", "random_signs", "block_hadamard", "inverse_block_hadamard",
            "hadamard_signs", "hadamard_along"]
 
-HADAMARD_SIZES = (16, 32, 64, 128)
 
 
 def _check_size(block_size: int) -> None:

@@ -3,7 +3,7 @@
 Each format is a table of 16 values indexed by a 4-bit code (bit 0 = least
 significant bit). An :class:`ElementFormat` turns values already scaled into the
 format's range into codes (``encode``) and codes back into values (``decode``).
-Block scaling lives in :mod:`fp4lib.scaling`; chapter 1 of the book introduces
+Block scaling lives in :mod:`fp4lib.numerics.quantize`; chapter 1 of the book introduces
 these formats.
 
 * :data:`E2M1` -- OCP Microscaling v1.0 FP4: 1 sign, 2 exponent (bias 1) and
@@ -144,7 +144,7 @@ class ElementFormat:
             rounding.
         uniforms:
             Stochastic rounding only: the uniform [0, 1) draws to use, float32 of
-            ``x``'s shape (e.g. :func:`fp4lib.rounding.cheap_uniform`), instead of
+            ``x``'s shape (e.g. :func:`fp4lib.numerics.rounding.cheap_uniform`), instead of
             drawing them from ``generator``.
 
         Returns

@@ -4,7 +4,7 @@ and the study.
 :func:`build_run` builds the model, applies the recipe and cuts the data;
 :func:`run_training` trains it (the high-precision final stretch and the
 high-precision evaluation of a recipe included) and returns the
-:class:`~fp4lib.trainer.TrainResult`.
+:class:`~fp4lib.training.loop.TrainResult`.
 
 Sizes (:data:`PRESETS`):
 
@@ -36,15 +36,15 @@ from .data import TokenWindows, load_corpus, split_tokens, VAL_FRACTION
 from .model import GPT, GPTConfig
 from .recipes import Recipe, apply_recipe, get_recipe, hp_switch_step, quantization_disabled, set_quantization
 from .checkpoint import ResumeError, current_checkpoint
-from .trainer import TrainConfig, Trainer, TrainResult, default_loss
+from .loop import TrainConfig, Trainer, TrainResult, default_loss
 
 __all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named run size: the model (:class:`~fp4lib.model.GPTConfig`), the optimisation
-    and bookkeeping settings (:class:`~fp4lib.trainer.TrainConfig`) and the corpus cut.
+    """A named run size: the model (:class:`~fp4lib.training.model.GPTConfig`), the optimisation
+    and bookkeeping settings (:class:`~fp4lib.training.loop.TrainConfig`) and the corpus cut.
 
     The defaults of both configs are the book's ``ci`` size; the other presets say
     only where they differ. A run is a recipe, a preset and overrides
@@ -58,7 +58,7 @@ class Preset:
     description: str
 
     def train_config(self, **overrides) -> TrainConfig:
-        """This preset's :class:`~fp4lib.trainer.TrainConfig` with the overrides that are not ``None``."""
+        """This preset's :class:`~fp4lib.training.loop.TrainConfig` with the overrides that are not ``None``."""
         return dataclasses.replace(self.train, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -156,16 +156,16 @@ def run_training(recipe: str | Recipe = "bf16", preset: str = "ci", *, steps: Op
     checkpoints (``None``: write nothing; ``resume`` needs it). ``resume``
     continues the run in ``out`` after checking that its checkpoint is intact and
     was made with the same recipe, preset, seed, corpus, torch version and, under
-    ``torchrun``, the same processes and settings (:mod:`fp4lib.checkpoint`);
+    ``torchrun``, the same processes and settings (:mod:`fp4lib.training.checkpoint`);
     ``overwrite`` lets a fresh run replace the run in a directory that is not
     empty (the previous run stays until the new run's first checkpoint). Without
     either, a fresh run needs ``out`` new or empty. A ``ValueError``
-    (:class:`~fp4lib.checkpoint.RunDirError`) says what is wrong.
+    (:class:`~fp4lib.training.checkpoint.RunDirError`) says what is wrong.
     ``hp_final_fraction`` overrides the recipe's final high-precision stretch.
     ``log`` receives the human-readable summary lines. ``trainer_factory``: called
-    like :class:`~fp4lib.trainer.Trainer` (model, data, config, ``loss_fn``,
+    like :class:`~fp4lib.training.loop.Trainer` (model, data, config, ``loss_fn``,
     ``hooks``, ``run_info``) to make the trainer; the data-parallel one under
-    ``torchrun`` comes from :mod:`fp4lib.distributed`.
+    ``torchrun`` comes from :mod:`fp4lib.training.distributed`.
     """
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive int, got {steps!r}")

@@ -1,10 +1,10 @@
 """FP4 linear layers: the three GEMMs of a linear layer with fake-quantized operands.
 
 :class:`FP4Linear` is a drop-in ``nn.Linear`` whose Fprop, Dgrad and Wgrad GEMMs
-(chapter 4 of the book; the table is in :mod:`fp4lib.specs`) see operands
-quantized by a :class:`~fp4lib.specs.LinearSpec`, one
-:class:`~fp4lib.specs.QuantSpec` per operand. Quantization is simulated: each
-operand is quantized and dequantized ("fake quant", :mod:`fp4lib.fake_quant`) and
+(chapter 4 of the book; the table is in :mod:`fp4lib.training.specs`) see operands
+quantized by a :class:`~fp4lib.training.specs.LinearSpec`, one
+:class:`~fp4lib.training.specs.QuantSpec` per operand. Quantization is simulated: each
+operand is quantized and dequantized ("fake quant", :mod:`fp4lib.training.operands`) and
 the GEMM multiplies the block-scaled values in high precision, applying the
 per-tensor scales to its output, as FP4 hardware does. The master weights, the
 gradients handed to the optimizer and the optimizer state stay in high precision.
@@ -16,13 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constants import NVFP4_TILE
-from .fake_quant import (BACKEND_CHOICES, fake_quant_factored, mix_seed, quantize_gemm_pair, resolve_backend,
-                         scaled_gemm)
-from .scaling import PER_TENSOR
+from ..numerics.constants import NVFP4_TILE
+from ..numerics.schemes import Backend, check_backend, scheme_info
+from .operands import concrete_backend, fake_quantize_gemm_pair, mix_seed, operand_factored, scaled_gemm
 from .specs import GEMMS, ROLES, LinearSpec, QuantSpec
 
-__all__ = ["FP4Linear", "FP4LinearFunction", "QuantSpec", "LinearSpec", "ROLES"]
+__all__ = ["FP4Linear", "FP4LinearFunction"]
 
 _HADAMARD_STREAM = {"fprop": 6, "dgrad": 7, "wgrad": 8}
 _EVAL_CALL = -1  # the seed stream of forward passes in eval mode
@@ -30,15 +29,15 @@ _EVAL_CALL = -1  # the seed stream of forward passes in eval mode
 
 def _weight_axis_free(spec: QuantSpec) -> bool:
     """True when the quantized weight does not depend on the block axis."""
-    return spec.enabled and spec.rounding == "nearest" and not spec.hadamard and (spec.tile or spec.scheme == PER_TENSOR)
+    return spec.enabled and spec.rounding == "nearest" and not spec.hadamard and (spec.tile or scheme_info(spec.scheme).family == "tensor")
 
 
 def _gemm_operands(gemm: str, a: torch.Tensor, b: torch.Tensor, spec: LinearSpec, seeds: dict, had: dict,
-                   backend: str):
+                   backend: Backend):
     """The two operands of ``gemm`` quantized by their roles' specs, blocks along their roles' axes."""
     ra, rb = GEMMS[gemm]
-    return quantize_gemm_pair(a, b, getattr(spec, ra), getattr(spec, rb), ROLES[ra][1], ROLES[rb][1],
-                              (seeds[ra], seeds[rb]), had[gemm], backend)
+    return fake_quantize_gemm_pair(a, b, getattr(spec, ra), getattr(spec, rb), ROLES[ra][1], ROLES[rb][1],
+                                   (seeds[ra], seeds[rb]), had[gemm], backend)
 
 
 class FP4LinearFunction(torch.autograd.Function):
@@ -57,7 +56,7 @@ class FP4LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: LinearSpec, call_seed: int, backend: str, gemm_dtype):
+    def forward(ctx, x, weight, bias, spec: LinearSpec, call_seed: int, backend: Backend, gemm_dtype):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features).float().contiguous()  # (N, in)
         w32 = weight.float()  # (out, in)
@@ -84,7 +83,7 @@ class FP4LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             if ctx.reuse_w and not spec.dgrad_dy.hadamard:
-                dyq = fake_quant_factored(dy2, spec.dgrad_dy, ROLES["dgrad_dy"][1], seeds["dgrad_dy"], backend)
+                dyq = operand_factored(dy2, spec.dgrad_dy, ROLES["dgrad_dy"][1], seeds["dgrad_dy"], backend)
                 wq = (wq_values, wq_scale)
             else:
                 dyq, wq = _gemm_operands("dgrad", dy2, weight.float(), spec, seeds, had, backend)
@@ -141,7 +140,7 @@ class FP4Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if not isinstance(spec, LinearSpec):
             raise TypeError(f"spec must be a LinearSpec, got {type(spec).__name__}")
-        resolve_backend(backend)  # validates the name
+        check_backend(backend)
         for role, (gemm, axis, _) in ROLES.items():
             s = getattr(spec, role)
             if role.endswith("_w"):
@@ -202,7 +201,7 @@ class FP4Linear(nn.Linear):
             call_seed = mix_seed(self.seed, self.calls)
         else:
             call_seed = mix_seed(self.seed, _EVAL_CALL)
-        backend = resolve_backend(self.backend)
+        backend = concrete_backend(self.backend)
         with torch.autocast(device_type, enabled=False):
             return FP4LinearFunction.apply(x, self.weight, self.bias, self.spec, call_seed, backend, gemm_dtype)
 

@@ -1,14 +1,14 @@
 """The fake quantization of GEMM operands in training, and the scaled GEMM that consumes it.
 
-One operand, one call: :func:`fake_quant_factored` returns ``(values, tensor_scale)``,
+One operand, one call: :func:`fake_quantize_operand` returns ``(values, tensor_scale)``,
 the block-scaled E2M1 values (exact in bfloat16) and the FP32 per-tensor scale that
 the GEMM applies to its output (:func:`scaled_gemm`). Three interchangeable
 backends compute it, with identical bits:
 
-* ``"reference"`` -- :func:`reference_fake_quant_factored`, a thin call of
+* ``"reference"`` -- :func:`reference_operand`, a thin call of
   :func:`fp4lib.fake_quantize` (the one reference of the scale arithmetic) with the
-  stochastic-rounding draws of :func:`fp4lib.rounding.cheap_uniform`;
-* ``"fused"`` -- :func:`fp4lib.kernels.fake_quant_fused`, the same as one fused
+  stochastic-rounding draws of :func:`fp4lib.numerics.rounding.cheap_uniform`;
+* ``"fused"`` -- :func:`fp4lib.numerics.kernels.fake_quantize_fused`, the same as one fused
   formulation run eagerly;
 * ``"compiled"`` -- that formulation under ``torch.compile``, each specialization
   checked against the fused one on its first call.
@@ -25,32 +25,28 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .hadamard import hadamard_along, hadamard_signs
-from .kernels import compile_works, compiled_fake_quant, fake_quant_fused
-from .rounding import cheap_uniform, seed_term
-from .scaling import FP8_SCHEMES, PER_TENSOR, fake_quantize
+from ..numerics.hadamard import hadamard_along, hadamard_signs
+from ..numerics.kernels import compile_works, fake_quantize_compiled, fake_quantize_fused
+from ..numerics.quantize import fake_quantize
+from ..numerics.rounding import cheap_uniform, seed_term
+from ..numerics.schemes import Backend, check_backend, scheme_info
 from .specs import QuantSpec
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "mix_seed", "tensor_amax_reduction", "PER_TENSOR_SCALED", "reference_fake_quant_factored", "reference_fake_quant",
-           "resolve_backend", "fake_quant_factored", "fake_quant_operand", "quantize_gemm_pair", "scaled_gemm"]
+__all__ = ["mix_seed", "tensor_amax_reduction", "reference_operand", "concrete_backend", "fake_quantize_operand",
+           "fake_quantize_gemm_pair", "operand_factored", "scaled_gemm"]
 
-BACKENDS = ("reference", "fused", "compiled")
-BACKEND_CHOICES = ("auto",) + BACKENDS
 _MASK64 = (1 << 64) - 1
 _SEED_BITS = 31
 
 Factored = Tuple[torch.Tensor, Optional[torch.Tensor]]
-
-PER_TENSOR_SCALED = ("nvfp4", PER_TENSOR) + tuple(FP8_SCHEMES)
-"""Schemes with a per-tensor scale computed from the operand's amax."""
 
 _AMAX_REDUCERS: List[Callable[[torch.Tensor], torch.Tensor]] = []
 
 
 @contextlib.contextmanager
 def tensor_amax_reduction(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within the block, every operand with a per-tensor scale (:data:`PER_TENSOR_SCALED`)
-    takes that scale from ``reduce(amax)`` instead of its own amax.
+    """Within the block, every operand with a per-tensor scale (a scheme whose record has
+    ``tensor_scale``) takes that scale from ``reduce(amax)`` instead of its own amax.
 
     Under data parallelism ``reduce`` is an all-reduce of the maximum over the
     ranks (as Transformer Engine's amax reduction group), so that all ranks
@@ -65,7 +61,7 @@ def tensor_amax_reduction(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Ite
 
 
 def _group_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
-    if not _AMAX_REDUCERS or spec.scheme not in PER_TENSOR_SCALED:
+    if not _AMAX_REDUCERS or not scheme_info(spec.scheme).tensor_scale:
         return None
     return _AMAX_REDUCERS[-1](x.detach().abs().amax().float())
 
@@ -90,8 +86,8 @@ def mix_seed(*values: int) -> int:
     return h >> (64 - _SEED_BITS)
 
 
-def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0,
-                                  tensor_amax: Optional[torch.Tensor] = None) -> Factored:
+def reference_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0,
+                      tensor_amax: Optional[torch.Tensor] = None) -> Factored:
     """The slow, obviously-correct fake quantization of one 2-D GEMM operand, factored.
 
     ``x``: float32 ``(rows, cols)``; ``axis``: 0 or 1, the axis the blocks run
@@ -107,8 +103,8 @@ def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, s
     Examples
     --------
     >>> import torch
-    >>> values, scale = reference_fake_quant_factored(torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4]),
-    ...                                               QuantSpec("e2m1_per_tensor"), axis=1)
+    >>> values, scale = reference_operand(torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4]), QuantSpec("e2m1_per_tensor"),
+    ...                                   axis=1)
     >>> values[0, :4].tolist(), scale.item()
     ([0.5, -1.0, 3.0, 6.0], 1.0)
     """
@@ -126,79 +122,67 @@ def reference_fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, s
     return fake_quantize(x, spec.scheme, factored=True, backend="reference", **kwargs)
 
 
-def reference_fake_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0) -> torch.Tensor:
-    """:func:`reference_fake_quant_factored` multiplied out: the dequantized operand.
-
-    Round-to-nearest block schemes equal :func:`fp4lib.fake_quantize` bit for bit.
-
-    Examples
-    --------
-    >>> import torch
-    >>> x = torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4])
-    >>> reference_fake_quant(x, QuantSpec("e2m1_per_tensor"), axis=1)[0, :4].tolist()
-    [0.5, -1.0, 3.0, 6.0]
-    """
-    values, tensor_scale = reference_fake_quant_factored(x, spec, axis, seed)
-    return values if tensor_scale is None else values * tensor_scale
-
-
-def resolve_backend(backend: str) -> str:
-    """``"auto"`` -> ``"compiled"`` where ``torch.compile`` works, else ``"fused"``; checks the name."""
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if backend == "auto":
-        return "compiled" if compile_works() else "fused"
+def concrete_backend(backend: str) -> Backend:
+    """The backend that runs: ``"auto"`` -> ``"compiled"`` where ``torch.compile`` works, else ``"fused"``."""
+    backend = check_backend(backend)
+    if backend == Backend.AUTO:
+        return Backend.COMPILED if compile_works() else Backend.FUSED
     return backend
 
 
-def fake_quant_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0,
-                        backend: str = "fused") -> Factored:
-    """``(values, tensor_scale)`` of one 2-D float32 operand with the chosen backend.
-
-    The one place that picks a path for an operand: ``"reference"``, ``"fused"``,
-    ``"compiled"`` or ``"auto"``; all give the bits of
-    :func:`reference_fake_quant_factored`. The Hadamard transform is not applied
-    here (see :func:`fp4lib.hadamard.hadamard_along`).
-    """
+def operand_factored(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int, backend: Backend) -> Factored:
+    """``(values, tensor_scale)`` of one operand on a concrete backend (see :func:`concrete_backend`),
+    unchecked: the path of every GEMM operand in training. :func:`fake_quantize_operand` is the checked one."""
     if not spec.enabled:
         return x, None
-    backend = resolve_backend(backend)
     amax = _group_amax(x, spec)
-    if backend == "reference":
-        return reference_fake_quant_factored(x, spec, axis, seed, amax)
-    fn = compiled_fake_quant() if backend == "compiled" else fake_quant_fused
+    if backend == Backend.REFERENCE:
+        return reference_operand(x, spec, axis, seed, amax)
+    fn = fake_quantize_compiled() if backend == Backend.COMPILED else fake_quantize_fused
     seed_t = seed_term(seed, x.device)  # filled on the device: no host-to-device copy
     return fn(x.contiguous(), seed_t, spec.scheme, axis, spec.rounding, spec.tile, spec.scale_rule, amax)
 
 
-def fake_quant_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0, backend: str = "fused") -> torch.Tensor:
-    """Fake-quantize one 2-D float32 operand with the chosen backend: the dequantized values.
+def fake_quantize_operand(x: torch.Tensor, spec: QuantSpec, axis: int, seed: int = 0, backend: str = "auto", *,
+                          factored: bool = False):
+    """Fake-quantize one 2-D float32 GEMM operand as ``spec`` says, on the chosen backend.
+
+    ``axis``: 0 or 1, the axis the blocks run along (the GEMM's reduction axis);
+    ``seed``: the stochastic-rounding draws (see :func:`reference_operand`);
+    ``backend``: a :class:`~fp4lib.numerics.schemes.Backend`; all give the bits of
+    :func:`reference_operand`. Returns the dequantized operand, or with
+    ``factored=True`` the GEMM's form ``(values, tensor_scale)``. The Hadamard
+    transform is not applied here (see :func:`fp4lib.numerics.hadamard.hadamard_along`).
 
     Examples
     --------
     >>> import torch
     >>> x = torch.randn(32, 64)
     >>> spec = QuantSpec("nvfp4", rounding="stochastic")
-    >>> ref = reference_fake_quant(x, spec, axis=0, seed=7)
-    >>> torch.equal(fake_quant_operand(x, spec, axis=0, seed=7, backend="fused"), ref)
+    >>> ref = fake_quantize_operand(x, spec, axis=0, seed=7, backend="reference")
+    >>> torch.equal(fake_quantize_operand(x, spec, axis=0, seed=7, backend="fused"), ref)
     True
     """
-    values, tensor_scale = fake_quant_factored(x, spec, axis, seed, backend)
+    values, tensor_scale = operand_factored(x, spec, axis, seed, concrete_backend(backend))
+    if factored:
+        return values, tensor_scale
     return values if tensor_scale is None else values * tensor_scale
 
 
-def quantize_gemm_pair(a: torch.Tensor, b: torch.Tensor, spec_a: QuantSpec, spec_b: QuantSpec, axis_a: int,
-                       axis_b: int, seeds: Tuple[int, int], hadamard_seed: int, backend: str) -> Tuple[Factored, Factored]:
+def fake_quantize_gemm_pair(a: torch.Tensor, b: torch.Tensor, spec_a: QuantSpec, spec_b: QuantSpec, axis_a: int,
+                            axis_b: int, seeds: Tuple[int, int], hadamard_seed: int,
+                            backend: Backend) -> Tuple[Factored, Factored]:
     """Both operands of one GEMM (float32 2-D, blocks along ``axis_a`` / ``axis_b``): the random
     Hadamard transform if the specs ask for one (the same signs for both, so that it
-    cancels in the product), then :func:`fake_quant_factored` of each."""
+    cancels in the product), then the factored fake quantization of each on ``backend``
+    (a concrete one: see :func:`concrete_backend`)."""
     if spec_a.hadamard:
         signs = hadamard_signs(spec_a.hadamard, hadamard_seed, device=a.device)
         a = hadamard_along(a, axis_a, spec_a.hadamard, signs)
         b = hadamard_along(b, axis_b, spec_a.hadamard, signs)
     return (
-        fake_quant_factored(a, spec_a, axis_a, seeds[0], backend),
-        fake_quant_factored(b, spec_b, axis_b, seeds[1], backend),
+        operand_factored(a, spec_a, axis_a, seeds[0], backend),
+        operand_factored(b, spec_b, axis_b, seeds[1], backend),
     )
 
 
@@ -207,7 +191,7 @@ def scaled_gemm(a: Tuple[torch.Tensor, Optional[torch.Tensor]], b: Tuple[torch.T
     """``(a_values @ b_values) * (a_scale * b_scale)``, as a block-scaled FP4 GEMM computes it.
 
     ``a``, ``b``: ``(values, tensor_scale)`` pairs of 2-D float32 operands (see
-    :func:`fake_quant_factored`); ``values`` already carry their block scales.
+    :func:`fake_quantize_operand`); ``values`` already carry their block scales.
     The products are formed from ``values`` cast to ``gemm_dtype`` (a lossless
     cast for quantized operands, whose E2M1 x E4M3 or E2M1 x E8M0 products fit in
     bfloat16), accumulated in float32, and the per-tensor scales multiply the

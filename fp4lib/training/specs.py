@@ -23,14 +23,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from .constants import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, SCALE_RULES
-from .hadamard import HADAMARD_SIZES
-from .rounding import ROUNDING_MODES
-from .scaling import FP8_SCHEMES, PER_TENSOR, resolve_scale_rule
+from ..numerics.schemes import HADAMARD_SIZES, OPERAND_SCHEMES, ROUNDING_MODES, resolve_scale_rule, scheme_info
 
 __all__ = ["QUANT_SCHEMES", "ROLES", "GEMMS", "QuantSpec", "LinearSpec", "OFF"]
 
-QUANT_SCHEMES = ("none", PER_TENSOR, "mxfp4", "nvfp4") + tuple(FP8_SCHEMES)
+QUANT_SCHEMES = ("none",) + OPERAND_SCHEMES
 """Operand schemes: ``"none"`` (high precision), ``"e2m1_per_tensor"`` (E2M1 with
 one FP32 absmax/6 scale for the whole tensor: the naive recipe), ``"mxfp4"``
 (E2M1 + one E8M0 scale per 32), ``"nvfp4"`` (E2M1 + one E4M3 scale per 16 + one
@@ -102,14 +99,18 @@ class QuantSpec:
     def __post_init__(self):
         if self.scheme not in QUANT_SCHEMES:
             raise ValueError(f"scheme must be one of {QUANT_SCHEMES}, got {self.scheme!r}")
-        object.__setattr__(self, "scale_rule", resolve_scale_rule(self.scheme, self.scale_rule))
-        if self.scheme in FP8_SCHEMES and self.rounding != "nearest":
+        if self.enabled:
+            object.__setattr__(self, "scale_rule", resolve_scale_rule(self.scheme, self.scale_rule))
+        elif self.scale_rule is not None:
+            raise ValueError(f"scale_rule applies to quantized operands, not scheme 'none' (got {self.scale_rule!r})")
+        info = scheme_info(self.scheme) if self.enabled else None
+        if info is not None and info.family == "fp8" and self.rounding != "nearest":
             raise ValueError(f"{self.scheme} is offered with round-to-nearest only, got rounding={self.rounding!r}")
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         if self.hadamard != 0 and self.hadamard not in HADAMARD_SIZES:
             raise ValueError(f"hadamard must be 0 (off) or one of {HADAMARD_SIZES}, got {self.hadamard!r}")
-        if self.tile and self.scheme != "nvfp4":
+        if self.tile and not (info is not None and info.tiles):
             raise ValueError(f"tile (16x16 weight scales) applies to scheme 'nvfp4' only, got scheme {self.scheme!r}")
         if self.hadamard and self.tile:
             raise ValueError("a Hadamard-transformed weight has no 16x16 tile structure: use hadamard or tile, not both")
@@ -122,7 +123,7 @@ class QuantSpec:
     @property
     def block_size(self) -> int:
         """Elements per scale along the block axis (0 for per-tensor and none)."""
-        return {"mxfp4": MX_BLOCK_SIZE, "nvfp4": NVFP4_BLOCK_SIZE}.get(self.scheme, 0)
+        return scheme_info(self.scheme).block_size if self.enabled else 0
 
     def short(self) -> str:
         """A compact label such as ``nvfp4/sr/rht16``."""
@@ -133,7 +134,7 @@ class QuantSpec:
             parts.append(f"rht{self.hadamard}")
         if self.tile:
             parts.append("16x16")
-        if self.scale_rule not in (None, SCALE_RULES.get(self.scheme, (None,))[0]):
+        if self.scale_rule != resolve_scale_rule(self.scheme, None):
             parts.append(self.scale_rule)
         return "/".join(parts)
 

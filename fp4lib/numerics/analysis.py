@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .scaling import QuantizedTensor
+from .tensor import QuantizedTensor
 
 __all__ = [
     "relative_error",
@@ -276,7 +276,7 @@ def four_panel_figure(
         raise ValueError(f"scatter_points must be a positive int, got {scatter_points!r}")
     if len(labels) != 2:
         raise ValueError(f"labels must name the two value sets, got {labels!r}")
-    from .plotting import BOOK_COLORS
+    from ..display.plotting import BOOK_COLORS
 
     plt = _pyplot()
     x = x.reshape(-1)

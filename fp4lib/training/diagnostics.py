@@ -16,15 +16,18 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .fake_quant import reference_fake_quant
-from .nn import FP4Linear
+from ..numerics.constants import FP4_BITS
+from ..numerics.schemes import SCHEME_INFO
+from .operands import fake_quantize_operand
+from .layers import FP4Linear
 from .specs import QuantSpec
-from .trainer import default_loss
+from .loop import default_loss
 
 __all__ = ["UNDERFLOW_SCHEMES", "underflow_fraction", "amax_over_rms", "capture_grad_output", "underflow_report",
            "underflow_capture_hook"]
 
-UNDERFLOW_SCHEMES = ("e2m1_per_tensor", "mxfp4", "nvfp4")
+UNDERFLOW_SCHEMES = tuple(s.name for s in SCHEME_INFO.values() if s.operand and s.element_bits == FP4_BITS)
+"""The 4-bit operand schemes, whose round-to-nearest can send a small gradient to 0."""
 
 
 def underflow_fraction(x: torch.Tensor, scheme: str, axis: int = 1) -> float:
@@ -58,7 +61,7 @@ def underflow_fraction(x: torch.Tensor, scheme: str, axis: int = 1) -> float:
     n = int(nonzero.sum())
     if n == 0:
         return 0.0
-    xq = reference_fake_quant(x, QuantSpec(scheme), axis=axis)
+    xq = fake_quantize_operand(x, QuantSpec(scheme), axis=axis, backend="reference")
     return int(((xq == 0) & nonzero).sum()) / n
 
 
@@ -125,7 +128,7 @@ def underflow_report(dy: torch.Tensor) -> Dict[str, float]:
 
 def underflow_capture_hook(steps: Tuple[int, ...], store: Dict[str, dict], batch: Tuple[torch.Tensor, ...],
                            n_layer: int, module_pattern: str = "transformer.h.{block}.attn.c_proj") -> Callable:
-    """A :class:`~fp4lib.trainer.Trainer` hook recording :func:`underflow_report` of a gradient.
+    """A :class:`~fp4lib.training.loop.Trainer` hook recording :func:`underflow_report` of a gradient.
 
     Before each step in ``steps`` (1-based) it captures, on the fixed ``batch``, the
     output gradient of ``module_pattern.format(block=b)`` for every block ``b`` in

@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 
-from .constants import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE
-from .scaling import QuantizedTensor
+from ..numerics.constants import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE
+from ..numerics.tensor import QuantizedTensor
 
 __all__ = ["to_torchao", "from_torchao", "gemm_operand", "swizzle_scales", "unswizzle_scales",
            "block_scaled_matmul", "fp4_gemm", "fp4_gemm_available", "FP4_GEMM_CAPABILITIES", "ENGINE_SWITCHES", "TORCHAO_NAMES"]
@@ -85,7 +85,7 @@ def _torchao():
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
         from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"fp4lib.interop needs torchao (pip install torchao): {e}") from e
+        raise ImportError(f"fp4lib.engines.torchao needs torchao (pip install torchao): {e}") from e
     return MXTensor, NVFP4Tensor, KernelPreference
 
 

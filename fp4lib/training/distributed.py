@@ -24,7 +24,7 @@ What stays as in one process, and what is per rank:
 * **Logging.** Rank 0 alone writes ``metrics.jsonl``, shows the progress bar and
   prints the summary; every logged loss is the mean over the ranks, so all ranks
   take the same decisions (the divergence guard stops all of them at one step).
-* **Checkpoints.** All or nothing (:mod:`fp4lib.checkpoint`): into a fresh staging
+* **Checkpoints.** All or nothing (:mod:`fp4lib.training.checkpoint`): into a fresh staging
   directory ``torch.distributed.checkpoint`` writes the model and optimizer
   (sharded under FSDP2) to ``dcp/``, each rank its data and RNG state to
   ``rank<r>.pt``; after a barrier rank 0 adds the step and history (``ckpt.pt``)
@@ -63,9 +63,11 @@ import torch.nn as nn
 
 from . import checkpoint
 from .checkpoint import CHECKPOINT_FILE, RunDirError
-from .fake_quant import mix_seed, tensor_amax_reduction
-from .nn import FP4Linear
-from .trainer import TrainConfig, Trainer, default_loss
+from ..numerics.reference import fp8_fake_quantize
+from ..numerics.schemes import FP8_SCHEMES, scheme_info
+from .operands import mix_seed, tensor_amax_reduction
+from .layers import FP4Linear
+from .loop import TrainConfig, Trainer, default_loss
 
 __all__ = ["DIST_MODES", "World", "init_world", "RankShare", "DataParallelTrainer", "trainer_factory",
            "rank_seed", "DCP_DIR", "CommLog", "counting_allreduce_hook", "fp8_allreduce_hook",
@@ -228,7 +230,7 @@ def _wrap(model: nn.Module, world: World) -> nn.Module:
 
 
 class DataParallelTrainer(Trainer):
-    """:class:`~fp4lib.trainer.Trainer` on one rank of a DDP or FSDP2 run (see the module docs)."""
+    """:class:`~fp4lib.training.loop.Trainer` on one rank of a DDP or FSDP2 run (see the module docs)."""
 
     def __init__(self, model: nn.Module, train_data, val_data, config: TrainConfig, world: World, *,
                  loss_fn: Callable = default_loss, hooks: Sequence[Callable] = (), run_info: Optional[dict] = None,
@@ -366,7 +368,7 @@ class DataParallelTrainer(Trainer):
 
 
 def trainer_factory(world: World, amax_reduce: bool = False, grad_comm: str = "fp32") -> Callable[..., DataParallelTrainer]:
-    """A factory for :func:`fp4lib.training.run_training`: its trainer runs on this rank of ``world``."""
+    """A factory for :func:`fp4lib.training.run.run_training`: its trainer runs on this rank of ``world``."""
 
     def make(model, train_data, val_data, config, **kwargs) -> DataParallelTrainer:
         return DataParallelTrainer(model, train_data, val_data, config, world, amax_reduce=amax_reduce,
@@ -417,9 +419,9 @@ def fp8_allreduce_hook(log: Optional[CommLog] = None, scheme: str = "fp8_e4m3") 
     ``scheme``'s FP8 format, all-gathers the bytes and the scales, and averages the
     dequantized buckets. A quarter of FP32's payload, plus 4 bytes per bucket and rank.
     """
-    from .scaling import FP8_SCHEMES, fp8_fake_quantize
-
-    dtype = FP8_SCHEMES[scheme][0]
+    dtype = scheme_info(scheme).dtype
+    if dtype is None:
+        raise ValueError(f"scheme must be one of {FP8_SCHEMES}, got {scheme!r}")
 
     def hook(state, bucket):
         buf = bucket.buffer()

@@ -59,7 +59,7 @@ __all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "MANIFEST_FILE", "POINTER_FILE", "
            "ResumeError", "current_checkpoint", "stage", "commit", "write_manifest", "load_manifest", "verify",
            "claim", "Claim", "recover", "read_metrics", "new_run_id", "fault", "FAULT_POINTS", "MANIFEST_FIELDS"]
 
-log = logging.getLogger("fp4lib.checkpoint")
+log = logging.getLogger("fp4lib.training.checkpoint")
 
 CHECKPOINT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.jsonl"

@@ -58,7 +58,7 @@ DEFAULT_MAX_BYTES = 8 * 1024 * 1024  # 8 MiB
 VAL_FRACTION = 0.1
 VOCAB_SIZE = 256  # byte tokens
 FILE_HEADER = "# ==== {path} ====\n"
-BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpora" / "python-stdlib-3.11.7.txt.gz"
+BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "corpora" / "python-stdlib-3.11.7.txt.gz"
 """The shipped corpus: :func:`stdlib_corpus` of CPython 3.11.7 (Linux), every file, gzip-compressed."""
 BUNDLED_SHA256 = "8b10e5f1e8a1308e8496e89fef79e72ec3bb41ebd0be9bb114b02ac6fc465636"
 """SHA-256 of the shipped corpus's 12,142,937 bytes (734 files). The first 8 MiB, the

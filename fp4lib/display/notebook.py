@@ -122,7 +122,7 @@ class Progress:
         self._draw()
 
     def trainer_hook(self, offset: int = 0) -> Callable:
-        """A :class:`~fp4lib.trainer.Trainer` hook: before step ``s`` the bar shows
+        """A :class:`~fp4lib.training.loop.Trainer` hook: before step ``s`` the bar shows
         ``offset + s - 1`` steps done and the last training loss. It only reads the
         trainer, so the run is the same with or without it."""
 

@@ -1,6 +1,6 @@
 """What FP4 training saves in memory: an account of every stored tensor of a training step.
 
-:func:`memory_account` lists, for a GPT shape (:class:`~fp4lib.model.GPTConfig`),
+:func:`memory_account` lists, for a GPT shape (:class:`~fp4lib.training.model.GPTConfig`),
 a batch and a recipe, the tensors that training keeps in memory, each with its
 element count and the bits per element it would be stored with on hardware that
 runs the recipe's GEMMs natively (scales included):
@@ -20,7 +20,7 @@ runs the recipe's GEMMs natively (scales included):
   attention log-sum-exps. (Where a layer stays in high precision, the attention
   output is also its output projection's saved input: one tensor.)
 
-The activation inventory follows :class:`~fp4lib.model.GPT` op by op (PyTorch's
+The activation inventory follows :class:`~fp4lib.training.model.GPT` op by op (PyTorch's
 flash-style attention saves q, k, v, its output and the log-sum-exp, not the
 attention matrix); ``tests/test_memory.py`` checks it against the tensors a real
 forward pass saves, and the quantized sizes against :func:`fp4lib.quantize`'s
@@ -28,7 +28,7 @@ packed codes and scales.
 
 Examples
 --------
->>> from fp4lib.model import GPTConfig
+>>> from fp4lib.training.model import GPTConfig
 >>> acct = memory_account(GPTConfig(), "nvfp4", batch_size=32)
 >>> round(total_bytes(acct) / 2**20, 1), round(total_bytes(memory_account(GPTConfig(), "bf16", 32)) / 2**20, 1)
 (70.0, 83.0)
@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
-from .constants import FP32_BITS, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE, SCALE8_BITS
+from ..numerics.constants import FP32_BITS, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE, SCALE8_BITS
 from .model import MLP_EXPANSION, GPTConfig
 from .recipes import Recipe, get_recipe
 from .specs import QuantSpec

@@ -1,18 +1,18 @@
 """The fast paths: each reference operation written as one fused pass, compiled with ``torch.compile``.
 
 Every kernel here computes the same bits as its reference and uses the same scale
-arithmetic (:func:`fp4lib.scaling.mx_scale_exponents`, :func:`~fp4lib.scaling.nvfp4_block_scales`,
+arithmetic (:func:`fp4lib.numerics.scales.mx_scale_exponents`, :func:`~fp4lib.numerics.scales.nvfp4_block_scales`,
 ... are plain tensor operations that compile); what differs is only the shape of
 the computation: one pass over the tensor instead of one tensor operation at a
 time, rounding by threshold comparisons instead of ``bucketize``, and no copies.
 
 * :func:`quantize_packed` -- ``quantize`` to packed codes and scales, for every
   scheme with round-to-nearest. :func:`fp4lib.quantize` calls it (``backend="auto"``
-  or ``"compiled"``); its reference is :mod:`fp4lib.scaling`.
-* :func:`fake_quant_fused` -- the fake quantization of one 2-D GEMM operand for
+  or ``"compiled"``); its reference is :mod:`fp4lib.numerics.quantize`.
+* :func:`fake_quantize_fused` -- the fake quantization of one 2-D GEMM operand for
   training, blocks along either axis, nearest or stochastic rounding (the draws
-  from :func:`fp4lib.rounding.hash_uniform`), in two passes (block scales, then
-  elementwise). :func:`fp4lib.fake_quant.fake_quant_factored` calls it; its
+  from :func:`fp4lib.numerics.rounding.hash_uniform`), in two passes (block scales, then
+  elementwise). :func:`fp4lib.training.operands.fake_quantize_operand` calls it; its
   reference is :func:`fp4lib.fake_quantize` with ``factored=True``.
 
 What keeps the training kernel fast: blocks along axis 0 (the token axis of the
@@ -31,7 +31,7 @@ kernel against its reference bit for bit; ``benchmarks/quantize.py`` measures th
 
 The same bits on every device: the scale formulas divide tensor by tensor (never
 by a Python number, which CUDA multiplies by its reciprocal; see
-:func:`fp4lib.scaling.exact_constant`), and every kernel here is compiled with
+:func:`fp4lib.numerics.scales.exact_constant`), and every kernel here is compiled with
 Inductor's exact float32 division (:data:`COMPILE_OPTIONS`), without which Triton
 divides approximately on the GPU. On CUDA GPUs below compute capability 8.9
 (A100, T4), Triton cannot cast to float8, so the NVFP4 and FP8 kernels, which do,
@@ -49,33 +49,31 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .constants import E2M1_MAX, E4M3_MAX, E8M0_EXP_BIAS, MX_BLOCK_SIZE, NVFP4_4OVER6_SCALE_MAX, NVFP4_BLOCK_SIZE, NVFP4_TILE
-from .formats import BNB_FP4, NF4
+from .formats import FORMATS
+from .reference import quantize_reference
 from .rounding import hash_uniform
-from .scaling import (
-    FP8_SCHEMES,
-    PER_TENSOR,
-    QuantizedTensor,
+from .scales import (
     bnb_scale_blocks,
     e2m1_tensor_scale,
     fp8_tensor_scale,
     mx_scale_exponents,
-    nvfp4_four_over_six,
     nvfp4_block_scales,
+    nvfp4_four_over_six,
     nvfp4_tensor_scale,
     pow2,
-    quantize,
-    resolve_scale_rule,
 )
+from .schemes import SCHEME_INFO, ScaleRule, resolve_scale_rule
+from .tensor import QuantizedTensor
 
-__all__ = ["FAST_QUANTIZE_SCHEMES", "FAKE_QUANT_SCHEMES", "COMPILE_OPTIONS", "FLOAT8_SCHEMES", "compile_works",
-           "compile_kernel", "float8_compiles", "quantize_packed", "fake_quant_fused", "compiled_fake_quant",
-           "VerifiedCompiled"]
+__all__ = ["COMPILE_OPTIONS", "FLOAT8_SCHEMES", "compile_works", "compile_kernel", "float8_compiles", "quantize_packed",
+           "fake_quantize_fused", "fake_quantize_compiled", "VerifiedCompiled"]
 
 _log = logging.getLogger(__name__)
 
-FAST_QUANTIZE_SCHEMES = ("bnb_fp4", "nf4", "mxfp4", "nvfp4", PER_TENSOR)
-FAKE_QUANT_SCHEMES = (PER_TENSOR, "mxfp4", "nvfp4") + tuple(FP8_SCHEMES)
-_BNB_FORMATS = {"bnb_fp4": BNB_FP4, "nf4": NF4}
+# The schemes' records as plain constants, which the compiler folds into the kernels.
+_FAMILY = {name: info.family for name, info in SCHEME_INFO.items()}
+_FP8_DTYPE = {name: info.dtype for name, info in SCHEME_INFO.items() if info.family == "fp8"}
+_BLOCK = {name: info.block_size for name, info in SCHEME_INFO.items() if info.axis_blocks}
 
 # E2M1 round-to-nearest-even as threshold tests: (midpoint, step up, tie goes up?).
 # A tie between grid points i and i+1 goes to the even code (bit 0 clear).
@@ -98,7 +96,7 @@ does (Triton's ``div_rn``) instead of Triton's approximate division on the GPU. 
 to ``torch.compile`` for these kernels only; the user's own compiles are untouched.
 (No effect on the CPU, where compiled code divides exactly anyway.)"""
 
-FLOAT8_SCHEMES = ("nvfp4",) + tuple(FP8_SCHEMES)
+FLOAT8_SCHEMES = tuple(name for name, info in SCHEME_INFO.items() if info.scale_format == "e4m3" or info.dtype)
 """Schemes whose kernels cast to float8 (E4M3 block scales, FP8 values)."""
 
 
@@ -275,7 +273,7 @@ def _round_stochastic(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     The magnitude, clamped to [0, 6], lies between grid points ``lo`` and
     ``lo + step`` and goes up when ``u < (m - lo) / step``: exactly the rule of
-    :func:`fp4lib.rounding.stochastic_round_index` (every operation here is exact).
+    :func:`fp4lib.numerics.rounding.stochastic_round_index` (every operation here is exact).
     """
     m = s.abs().clamp(max=E2M1_MAX)
     step = torch.where(m < _BINADE_2, 0.5, torch.where(m < _BINADE_4, 1.0, 2.0))
@@ -321,7 +319,7 @@ def _bnb_packed(a: torch.Tensor, mids: Tuple[float, ...], order: torch.Tensor):
 def _nvfp4_scales(v: torch.Tensor, amax_b: torch.Tensor, dims, amax: torch.Tensor, rule: str):
     """NVFP4 ``(s_dec_b, s_enc_b, s_dec)`` of the block view ``v`` under scale ``rule``
     (``amax_b``: the block maxima, kept as size-1 axes over ``dims``)."""
-    four_six = rule == "4over6"
+    four_six = rule == ScaleRule.FOUR_OVER_SIX
     s_enc, s_dec = nvfp4_tensor_scale(amax, NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
     if four_six:
         s_dec_b, s_enc_b = nvfp4_four_over_six(v, amax_b, s_enc, s_dec, dims, _round_nearest)
@@ -336,11 +334,11 @@ def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool):
     amax = x.abs().amax()
     finite = torch.isfinite(amax)
     zero = torch.zeros((), dtype=torch.int64, device=x.device)
-    if scheme == PER_TENSOR:
+    if _FAMILY[scheme] == "tensor":
         scale = e2m1_tensor_scale(amax)
         scaled = x / scale
         return _pack_pairs(_e2m1_codes(scaled)), scale, scale, zero, finite
-    if scheme == "mxfp4":
+    if _FAMILY[scheme] == "mx":
         v = x.view(rows, cols // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
         amax_b = v.abs().amax(dim=-1)
         e = mx_scale_exponents(amax_b, scale_rule)
@@ -371,8 +369,10 @@ def _verified(name: str) -> VerifiedCompiled:
 
 
 def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_rule: Optional[str] = None,
-                    tile: bool = False, dtype: torch.dtype = torch.float32) -> Optional[QuantizedTensor]:
-    """:func:`fp4lib.quantize` with round-to-nearest, as compiled fused passes; the same bits.
+                    tile: bool = False, dtype: torch.dtype = torch.float32, compiled: bool = True
+                    ) -> Optional[QuantizedTensor]:
+    """:func:`fp4lib.quantize` with round-to-nearest, as fused passes (compiled, or eagerly
+    with ``compiled=False``); the same bits.
 
     ``x32``: contiguous float32, already checked by ``quantize``. Returns the
     :class:`QuantizedTensor` (``dtype`` recorded as the original's), or ``None``
@@ -384,7 +384,8 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
     scale_rule = resolve_scale_rule(scheme, scale_rule)
     common = dict(shape=shape, dtype=dtype, scheme=scheme, block_size=block_size, rounding="nearest")
     label = f"compiled quantize ({scheme}, {x32.device.type})"
-    if scheme in _BNB_FORMATS:
+    family = _FAMILY[scheme]
+    if family == "absmax":
         flat = x32.reshape(-1)
         n = flat.numel()
         full = n - n % block_size
@@ -392,15 +393,19 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
             return None
         if full < n and not bool(torch.isfinite(flat[full:]).all()):
             return None
-        fmt = _BNB_FORMATS[scheme]
+        fmt = FORMATS[SCHEME_INFO[scheme].element]
         mids = tuple(float(m) for m in fmt._midpoints)
         order = fmt._on(flat.device, "_order")
-        packed, absmax, finite = _verified("bnb").call(("bnb", scheme, block_size, flat.device.type), label,
-                                                       flat[:full].reshape(-1, block_size), mids, order)
+        blocks = flat[:full].reshape(-1, block_size)
+        if compiled:
+            packed, absmax, finite = _verified("bnb").call(("bnb", scheme, block_size, flat.device.type), label,
+                                                           blocks, mids, order)
+        else:
+            packed, absmax, finite = _bnb_packed(blocks, mids, order)
         if not bool(finite):
             return None
         if full < n:
-            tail = quantize(flat[full:], scheme, block_size=block_size, backend="reference")
+            tail = quantize_reference(flat[full:], scheme, block_size=block_size)
             packed = torch.cat([packed, tail.packed.reshape(-1)])
             absmax = torch.cat([absmax, tail.scale])
         return QuantizedTensor(packed=packed.unsqueeze(1), scale=absmax, **common)
@@ -409,16 +414,16 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
     x2 = x32.reshape(-1, shape[-1])
     key = ("e2m1", scheme, scale_rule, tile, tuple(x2.shape), x32.device.type)
     kernel = _verified("e2m1")
-    if scheme in FLOAT8_SCHEMES and not float8_compiles(x32.device):
+    if not compiled or (scheme in FLOAT8_SCHEMES and not float8_compiles(x32.device)):
         packed, scale, tensor_scale, clipped, finite = kernel.fn(x2, scheme, scale_rule, tile)
     else:
         packed, scale, tensor_scale, clipped, finite = kernel.call(key, label, x2, scheme, scale_rule, tile)
     if not bool(finite):
         return None
     packed = packed.reshape(*shape[:-1], shape[-1] // 2)
-    if scheme == PER_TENSOR:
+    if family == "tensor":
         return QuantizedTensor(packed=packed, scale=scale, **common)
-    if scheme == "mxfp4":
+    if family == "mx":
         n_blocks = scale.numel()
         scale = scale.reshape(*shape[:-1], shape[-1] // MX_BLOCK_SIZE).view(torch.float8_e8m0fnu)
         return QuantizedTensor(packed=packed, scale=scale, clip_fraction=float(clipped) / n_blocks, **common)
@@ -452,16 +457,16 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
     if tensor_amax is not None:
         amax = tensor_amax
         finite = finite & torch.isfinite(amax)
-    if scheme == PER_TENSOR:
+    family = _FAMILY[scheme]
+    if family == "tensor":
         scale = e2m1_tensor_scale(amax)
         return scale, scale, None, finite
-    if scheme in FP8_SCHEMES:
+    if family == "fp8":
         s_enc, s_dec = fp8_tensor_scale(amax, scheme)
         return s_enc, None, s_dec, finite
-    block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
-    v, dims = _operand_blocks(x, axis, block, tile)
+    v, dims = _operand_blocks(x, axis, _BLOCK[scheme], tile)
     amax_b = v.abs().amax(dim=dims, keepdim=True)
-    if scheme == "mxfp4":
+    if family == "mx":
         e = mx_scale_exponents(amax_b, scale_rule)
         return pow2(-e), pow2(e), None, finite
     s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, amax_b, dims, amax, scale_rule)
@@ -477,28 +482,29 @@ def _stage_apply(x: torch.Tensor, enc, dec_block, dec_tensor, finite, seed_t, sc
     applies to its output.
     """
     rows, cols = x.shape
-    if scheme in FP8_SCHEMES:  # round-to-nearest-even by the cast (stochastic rounding is not offered)
-        q = (x * enc).to(FP8_SCHEMES[scheme][0]).to(torch.float32)
+    family = _FAMILY[scheme]
+    if family == "fp8":  # round-to-nearest-even by the cast (stochastic rounding is not offered)
+        q = (x * enc).to(_FP8_DTYPE[scheme]).to(torch.float32)
         return torch.where(finite, q, float("nan")), dec_tensor
-    if scheme == PER_TENSOR:
+    if family == "tensor":
         scaled = x / enc
     else:
-        block = MX_BLOCK_SIZE if scheme == "mxfp4" else NVFP4_BLOCK_SIZE
+        block = _BLOCK[scheme]
         scaled = _operand_blocks(x, axis, block, tile)[0] * enc
     if rounding == "stochastic":
         index = torch.arange(rows * cols, device=x.device, dtype=torch.int32).view(rows, cols)
-        if scheme != PER_TENSOR:
+        if family != "tensor":
             index = _operand_blocks(index, axis, block, tile)[0]
         q = _round_stochastic(scaled, hash_uniform(index, seed_t))
     else:
         q = _round_nearest(scaled)
-    if scheme == PER_TENSOR:
+    if family == "tensor":
         return torch.where(finite, q, float("nan")), dec_block
     out = q * dec_block  # exact: an E2M1 value times an E8M0 or E4M3 scale
     return torch.where(finite, out.reshape(rows, cols), float("nan")), dec_tensor
 
 
-def fake_quant_fused(
+def fake_quantize_fused(
     x: torch.Tensor,
     seed_t: torch.Tensor,
     scheme: str,
@@ -517,7 +523,7 @@ def fake_quant_fused(
     x:
         float32, shape ``(rows, cols)``, contiguous, fewer than 2**31 elements.
     seed_t:
-        :func:`fp4lib.rounding.seed_term` of the stochastic-rounding seed (ignored
+        :func:`fp4lib.numerics.rounding.seed_term` of the stochastic-rounding seed (ignored
         for ``"nearest"``): element ``(i, j)`` draws ``hash_uniform(i * cols + j, seed_t)``.
     scheme:
         ``"e2m1_per_tensor"``, ``"mxfp4"``, ``"nvfp4"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
@@ -526,14 +532,14 @@ def fake_quant_fused(
     rounding:
         ``"nearest"`` (ties to even) or ``"stochastic"``.
     tile, scale_rule:
-        NVFP4 16x16 tiles; the scale rule (:func:`fp4lib.scaling.resolve_scale_rule`):
+        NVFP4 16x16 tiles; the scale rule (:func:`fp4lib.numerics.schemes.resolve_scale_rule`):
         MXFP4 ``"floor"`` or ``"ceil"``, NVFP4 ``"nearest"``, ``"up"`` or ``"4over6"``.
     tensor_amax:
         0-d float32: the amax the per-tensor scale is computed from instead of x's
         own (a group's, under data parallelism; see :func:`fp4lib.quantize`).
     stages:
         ``(scales_fn, apply_fn)`` to run instead of the two eager stages (the
-        compiled ones, see :func:`compiled_fake_quant`).
+        compiled ones, see :func:`fake_quantize_compiled`).
 
     Returns
     -------
@@ -547,9 +553,9 @@ def fake_quant_fused(
     Examples
     --------
     >>> import torch
-    >>> from fp4lib.rounding import seed_term
+    >>> from fp4lib.numerics.rounding import seed_term
     >>> x = torch.tensor([[0.3, -1.0, 2.9, 6.0] * 4])
-    >>> values, scale = fake_quant_fused(x, seed_term(0), "e2m1_per_tensor", 1, "nearest")
+    >>> values, scale = fake_quantize_fused(x, seed_term(0), "e2m1_per_tensor", 1, "nearest")
     >>> values[0, :4].tolist(), scale.item()  # E2M1 values; one scale, amax / 6
     ([0.5, -1.0, 3.0, 6.0], 1.0)
     """
@@ -561,8 +567,8 @@ def fake_quant_fused(
     return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
 
 
-class _CompiledFakeQuant:
-    """:func:`fake_quant_fused` with both stages compiled, verified per spec, shape and device.
+class _CompiledFakeQuantize:
+    """:func:`fake_quantize_fused` with both stages compiled, verified per spec, shape and device.
 
     Each operand shape is its own static specialisation (a recipe needs a few
     dozen): dynamic shapes compiled no faster here and ran the nvfp4 step about 2x
@@ -571,11 +577,11 @@ class _CompiledFakeQuant:
 
     def __init__(self):
         stages = (compile_kernel(_stage_scales, dynamic=False), compile_kernel(_stage_apply, dynamic=False))
-        self.kernel = VerifiedCompiled(fake_quant_fused, functools.partial(fake_quant_fused, stages=stages))
+        self.kernel = VerifiedCompiled(fake_quantize_fused, functools.partial(fake_quantize_fused, stages=stages))
 
     def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None):
         if scheme in FLOAT8_SCHEMES and not float8_compiles(x.device):  # the fused formulation, eagerly
-            return fake_quant_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax)
+            return fake_quantize_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax)
         key = (scheme, axis, rounding, tile, scale_rule, tensor_amax is not None, tuple(x.shape), x.device.type)
         label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
                  f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type})")
@@ -583,8 +589,8 @@ class _CompiledFakeQuant:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_fake_quant() -> Callable:
-    """:func:`fake_quant_fused` with both stages under ``torch.compile``, each
+def fake_quantize_compiled() -> Callable:
+    """:func:`fake_quantize_fused` with both stages under ``torch.compile``, each
     specialization verified against the eager stages on its first call; or the
     eager function (with a warning from :func:`compile_works`) where compiling
     does not work here.
@@ -593,5 +599,5 @@ def compiled_fake_quant() -> Callable:
     inductor caches the kernels on disk for later processes).
     """
     if not compile_works():
-        return fake_quant_fused
-    return _CompiledFakeQuant()
+        return fake_quantize_fused
+    return _CompiledFakeQuantize()

@@ -2,10 +2,10 @@
 
 Chapter 1 of the book introduces both modes; chapter 4 shows why gradients need the
 stochastic one. The format-specific tie rules (ties to even for E2M1, ties to the
-lower value for bitsandbytes' tables) live in :mod:`fp4lib.formats`.
+lower value for bitsandbytes' tables) live in :mod:`fp4lib.numerics.formats`.
 
 Stochastic rounding draws its uniforms either from a ``torch.Generator``
-(:meth:`fp4lib.formats.ElementFormat.encode`) or, inside training, from
+(:meth:`fp4lib.numerics.formats.ElementFormat.encode`) or, inside training, from
 :func:`hash_uniform`: a counter-based hash of the element index and a seed, which
 needs no generator state, can be recomputed anywhere, and fuses into a compiled
 kernel. :func:`cheap_uniform` lays those draws out for a whole tensor.
@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ROUNDING_MODES", "check_rounding", "stochastic_round_index", "seed_term", "hash_uniform",
+from .schemes import ROUNDING_MODES
+
+__all__ = ["check_rounding", "stochastic_round_index", "seed_term", "hash_uniform",
            "cheap_uniform"]
 
-ROUNDING_MODES = ("nearest", "stochastic")
 
 # The "lowbias32" integer hash finaliser; the top 24 bits of the hash become the float.
 _GOLDEN = 0x9E3779B1  # multiplies the element index

@@ -21,7 +21,6 @@ MAGNITUDE_MASK = 0b0111
 E4M3_MAX = 448.0  # 0b0_1111_110
 E4M3_MIN_NORMAL = 2.0**-6  # 0b0_0001_000
 E4M3_MIN_SUBNORMAL = 2.0**-9  # 0b0_0000_001
-NVFP4_SCALE_RULES = ("nearest", "up", "4over6")  # E4M3 block scale: RNE; rounded up (SR stays unbiased); 4 or 6
 NVFP4_4OVER6_SCALE_MAX = 256.0  # 4/6: block scales sized for a maximum of 256, so amax/4 still fits in E4M3
 NVFP4_4OVER6_TARGET = 4.0  # 4/6's second candidate maps the block maximum to 4 instead of 6
 
@@ -33,8 +32,6 @@ E8M0_EXP_BIAS = 127
 E8M0_MIN_EXP = -127  # 0b0000_0000 -> 2^-127
 E8M0_MAX_EXP = 127  # 0b1111_1110 -> 2^127
 E8M0_NAN = 0xFF  # 0b1111_1111
-MX_SCALE_RULES = ("floor", "ceil")  # OCP's floor(log2 amax) - emax, or rounded up so nothing clips
-SCALE_RULES = {"mxfp4": MX_SCALE_RULES, "nvfp4": NVFP4_SCALE_RULES}  # the first of each is the standard rule
 
 # --- Block sizes ---------------------------------------------------------------
 MX_BLOCK_SIZE = 32  # OCP MX v1.0: k = 32 elements share one scale

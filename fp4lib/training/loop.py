@@ -14,7 +14,7 @@ batches drawn from a data object, and takes care of the rest --
 * checkpoints (``ckpt.pt``: model, optimizer, data-sampler and RNG states, loss
   history) and resume: a resumed run reproduces the uninterrupted run's losses.
   Each checkpoint is a directory made current by one atomic rename, with a
-  manifest that a resume checks (:mod:`fp4lib.checkpoint`); a run holds its
+  manifest that a resume checks (:mod:`fp4lib.training.checkpoint`); a run holds its
   output directory's lock, and a fresh run refuses a directory that is not empty
   unless told to overwrite it;
 * a divergence guard: a NaN/Inf loss or gradient norm, or a loss above
@@ -170,7 +170,7 @@ class Trainer:
         Any ``nn.Module``; moved to the chosen device.
     train_data, val_data:
         Objects with ``sample(batch_size, generator) -> tuple of tensors`` (e.g.
-        :class:`fp4lib.data.TokenWindows`).
+        :class:`fp4lib.training.data.TokenWindows`).
     config:
         :class:`TrainConfig`.
     loss_fn:
@@ -186,8 +186,8 @@ class Trainer:
     Examples
     --------
     >>> import torch
-    >>> from fp4lib.data import TokenWindows
-    >>> from fp4lib.model import GPT, GPTConfig
+    >>> from fp4lib.training.data import TokenWindows
+    >>> from fp4lib.training.model import GPT, GPTConfig
     >>> torch.manual_seed(0) and None
     >>> data = TokenWindows(torch.randint(0, 8, (2000,), dtype=torch.uint8), block_size=16)
     >>> model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
@@ -260,7 +260,7 @@ class Trainer:
                 f.flush()
 
     def manifest_fields(self) -> dict:
-        """What a resume of this trainer's checkpoints must match (:data:`fp4lib.checkpoint.MANIFEST_FIELDS`)."""
+        """What a resume of this trainer's checkpoints must match (:data:`fp4lib.training.checkpoint.MANIFEST_FIELDS`)."""
         info = self.run_info
         corpus = info.get("corpus")
         return {"kind": "plain", "world_size": 1, "dist": None, "amax_reduce": False, "grad_comm": "fp32",
@@ -309,7 +309,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write a checkpoint of the current step, all or nothing: ``ckpt.pt`` and the
         manifest into a staging directory, made current by one atomic rename
-        (:func:`fp4lib.checkpoint.commit`). Does nothing without an output directory."""
+        (:func:`fp4lib.training.checkpoint.commit`). Does nothing without an output directory."""
         if self.out_dir is None:
             return
         state = {
@@ -336,7 +336,7 @@ class Trainer:
 
         ``path``: a checkpoint directory or an output directory (default this
         trainer's). Raises ``FileNotFoundError`` when there is none, and
-        :class:`fp4lib.checkpoint.ResumeError` (a ``ValueError``) when a file is
+        :class:`fp4lib.training.checkpoint.ResumeError` (a ``ValueError``) when a file is
         corrupt or the checkpoint was made by a run this one does not continue.
         """
         ckpt_dir = self._find_checkpoint(path)
@@ -378,7 +378,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _claim(self, resume: bool, overwrite: bool):
-        """Hold the output directory for this run (:func:`fp4lib.checkpoint.claim`)."""
+        """Hold the output directory for this run (:func:`fp4lib.training.checkpoint.claim`)."""
         return checkpoint.claim(self.out_dir, resume=resume, overwrite=overwrite)
 
     def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -389,7 +389,7 @@ class Trainer:
         checkpoint and metrics then stay until this run's first checkpoint
         replaces them. Raises :class:`TrainingDiverged` from the divergence guard,
         ``FileNotFoundError`` when ``resume`` finds no checkpoint, and
-        :class:`fp4lib.checkpoint.RunDirError` (a ``ValueError``) for a directory
+        :class:`fp4lib.training.checkpoint.RunDirError` (a ``ValueError``) for a directory
         that is in use, not empty, not writable, or holds a checkpoint this run
         does not continue.
         """

@@ -1,6 +1,6 @@
 """FP4 training recipes: which GEMM operands are quantized how, and which layers are not.
 
-A :class:`Recipe` is a :class:`~fp4lib.specs.LinearSpec` (the six operand specs of
+A :class:`Recipe` is a :class:`~fp4lib.training.specs.LinearSpec` (the six operand specs of
 every quantized linear) plus the exclusions: layers kept in high precision by
 name, the first and last transformer blocks kept in high precision, and an
 optional switch of every layer to high precision for the final stretch of
@@ -9,7 +9,7 @@ Engine's ``NVFP4BlockScaling(disable_rht=..., disable_stochastic_rounding=...)``
 an ingredient is one keyword of :func:`nvfp4_recipe`, :func:`mxfp4_recipe` or
 :func:`naive_recipe`, and every named preset in :data:`RECIPES` is a call of one
 of them. :func:`apply_recipe` swaps a model's ``nn.Linear`` layers for
-:class:`~fp4lib.nn.FP4Linear` in one call.
+:class:`~fp4lib.training.layers.FP4Linear` in one call.
 
 In every recipe the embeddings, the output head, the norms and the attention
 softmax and batched matmuls stay in high precision: only ``nn.Linear`` layers are
@@ -60,8 +60,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .fake_quant import mix_seed
-from .nn import FP4Linear
+from .operands import mix_seed
+from .layers import FP4Linear
 from .specs import OFF, LinearSpec, QuantSpec
 
 __all__ = [
@@ -96,7 +96,7 @@ class Recipe:
     name, description:
         For tables, plots and the CLI.
     linear:
-        The :class:`~fp4lib.nn.LinearSpec` of every quantized linear; ``None`` (or
+        The :class:`~fp4lib.training.layers.LinearSpec` of every quantized linear; ``None`` (or
         all off) for the high-precision baseline.
     hp_first_blocks, hp_last_blocks:
         Number of transformer blocks at the start / end whose linears stay in
@@ -321,7 +321,7 @@ def _block_index(name: str, block_prefix: str) -> Optional[int]:
 
 def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int = 0, backend: str = "auto",
                  block_prefix: str = DEFAULT_BLOCK_PREFIX) -> List[str]:
-    """Swap ``model``'s ``nn.Linear`` layers for :class:`~fp4lib.nn.FP4Linear`, in place.
+    """Swap ``model``'s ``nn.Linear`` layers for :class:`~fp4lib.training.layers.FP4Linear`, in place.
 
     Parameters
     ----------
@@ -334,7 +334,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int = 0, backend: st
         Base seed of the stochastic rounding and Hadamard signs (each layer gets
         its own, derived from this and its position).
     backend:
-        Fake-quant backend of the layers (see :class:`~fp4lib.nn.FP4Linear`).
+        Fake-quant backend of the layers (see :class:`~fp4lib.training.layers.FP4Linear`).
 
     Returns
     -------
@@ -346,7 +346,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int = 0, backend: st
 
     Examples
     --------
-    >>> from fp4lib.model import GPT, GPTConfig
+    >>> from fp4lib.training.model import GPT, GPTConfig
     >>> model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, block_size=32))
     >>> apply_recipe(model, "nvfp4", backend="fused")
     ['transformer.h.0.attn.c_attn', 'transformer.h.0.attn.c_proj', 'transformer.h.0.mlp.c_fc', 'transformer.h.0.mlp.c_proj']
@@ -383,7 +383,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int = 0, backend: st
 
 
 def quantized_layers(model: nn.Module) -> List[str]:
-    """Names of the model's :class:`~fp4lib.nn.FP4Linear` layers."""
+    """Names of the model's :class:`~fp4lib.training.layers.FP4Linear` layers."""
     return [n for n, m in model.named_modules() if isinstance(m, FP4Linear)]
 
 

@@ -19,8 +19,8 @@ from typing import Tuple
 
 import torch
 
-from .constants import BNB_NESTED_BLOCK_SIZE
-from .scaling import NestedAbsmax, QuantizedTensor
+from ..numerics.constants import BNB_NESTED_BLOCK_SIZE
+from ..numerics.tensor import NestedAbsmax, QuantizedTensor
 
 __all__ = ["import_bitsandbytes", "to_bnb", "from_bnb", "bnb_quantize", "bnb_dequantize", "bnb_cpu_decode_at_risk"]
 

@@ -1,0 +1,1 @@
+"""How the book shows results: its figure style, tables and notebook helpers."""

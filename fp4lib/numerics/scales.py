@@ -1,0 +1,256 @@
+"""The scale arithmetic of every scheme, written once: the reference quantizers
+(:mod:`fp4lib.numerics.reference`) and the compiled kernels
+(:mod:`fp4lib.numerics.kernels`) both call these functions, which are plain tensor
+operations that compile.
+
+Every division is a true float32 division on every device: a divisor that is a
+Python number is made a run-time tensor first (:func:`exact_constant`), since CUDA
+would multiply by its reciprocal instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+
+from .constants import (
+    BNB_ABSMAX_FLOOR,
+    E2M1_EMAX,
+    E2M1_MAX,
+    E4M3_MAX,
+    E8M0_EXP_BIAS,
+    E8M0_MAX_EXP,
+    E8M0_MIN_EXP,
+    E8M0_NAN,
+    FLOAT32_EXP_BIAS,
+    FLOAT32_MAN_BITS,
+    FLOAT32_MAX,
+    NVFP4_4OVER6_TARGET,
+)
+from .schemes import FP8_SCHEMES, scheme_info
+
+__all__ = ["pow2", "exact_constant", "e8m0_to_float", "e2m1_tensor_scale", "bnb_scale_blocks", "bnb_scale_tail",
+           "mx_scale_exponents", "nvfp4_tensor_scale", "e4m3_round_up", "nvfp4_block_scales", "nvfp4_four_over_six",
+           "fp8_tensor_scale"]
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**e`` for int32 ``e`` in [-127, 127], built from its bits.
+
+    Works the same eagerly and in compiled kernels (no ``ldexp``): the float32
+    exponent field is ``e + 127``; ``2**-127`` is a subnormal, made as ``2**-126 / 2``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pow2(torch.tensor([-127, -1, 0, 3, 127], dtype=torch.int32)).tolist() == [2.0**-127, 0.5, 1.0, 8.0, 2.0**127]
+    True
+    """
+    e = e.to(torch.int32)
+    normal = ((e.clamp(min=-126) + FLOAT32_EXP_BIAS) << FLOAT32_MAN_BITS).view(torch.float32)
+    sub = ((e.clamp(max=126) + 1 + FLOAT32_EXP_BIAS) << FLOAT32_MAN_BITS).view(torch.float32) * 0.5
+    return torch.where(e >= -126, normal, sub)
+
+
+def exact_constant(like: torch.Tensor, value: float) -> torch.Tensor:
+    """``value`` as a float32 tensor of ``like``'s shape and device, computed at run time.
+
+    The divisor of a device-independent division. ``t / 6.0`` divides exactly on
+    the CPU, but CUDA multiplies by the reciprocal of a Python number (or of a
+    CPU scalar tensor), and Inductor does the same on the GPU for any divisor it
+    can prove constant (``full_like`` included): about a third of float32
+    quotients by 6 come out one ulp off. ``t / exact_constant(t, 6.0)`` is a true
+    division everywhere: eagerly on any device, and in compiled code where
+    Inductor divides exactly (``eager_numerics.division_rounding``, which
+    :mod:`fp4lib.numerics.kernels` sets for its kernels). ``value`` must be a float32 number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.tensor([1.0, 7.0])
+    >>> torch.equal(t / exact_constant(t, 6.0), t / 6.0)  # on the CPU both divide exactly
+    True
+    """
+    # (bits & 0) is 0, but not a value the compiler can fold into a constant.
+    zero = (like.float().view(torch.int32) & 0).to(torch.float32)
+    return zero + value
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales (``torch.float8_e8m0fnu``) as float32 powers of two; the NaN code gives NaN."""
+    e = scale.view(torch.uint8).to(torch.int32) - E8M0_EXP_BIAS
+    out = pow2(e.clamp(max=E8M0_MAX_EXP))
+    return torch.where(scale.view(torch.uint8) == E8M0_NAN, torch.full_like(out, float("nan")), out)
+
+
+def e2m1_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """One E2M1 scale for a whole tensor: ``amax / 6`` (1 when amax is 0), float32.
+
+    Examples
+    --------
+    >>> import torch
+    >>> e2m1_tensor_scale(torch.tensor([12.0, 0.0])).tolist()
+    [2.0, 1.0]
+    """
+    return torch.where(amax > 0, amax / exact_constant(amax, E2M1_MAX), torch.ones_like(amax))
+
+
+def bnb_scale_blocks(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' full blocks: ``(clamp(x * (1 / absmax), -1, 1), absmax)``.
+
+    ``blocks``: float32 ``(..., block_size)``. Multiplying by the reciprocal (of
+    the absmax clamped to at least 1e-38) is bitsandbytes' own arithmetic, which
+    is what makes the codes bit-identical to its ``quantize_4bit``.
+    """
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=BNB_ABSMAX_FLOOR)).unsqueeze(-1), -1, 1)
+    return scaled, absmax
+
+
+def bnb_scale_tail(tail: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' partial last block: ``(clamp(x / absmax, -1, 1), absmax)``.
+
+    ``tail``: float32 ``(..., n)`` with ``n`` less than the block size. This block
+    divides (not multiplies) and keeps its clamped absmax: both as bitsandbytes does.
+    """
+    am = tail.abs().amax(dim=-1, keepdim=True).clamp(min=BNB_ABSMAX_FLOOR)
+    return torch.clamp(tail / am, -1, 1), am.squeeze(-1)
+
+
+def mx_scale_exponents(amax: torch.Tensor, scale_rule: str = "floor") -> torch.Tensor:
+    """Unbiased E8M0 exponents (int32) of MXFP4 block scales from float32 block amax values.
+
+    ``"floor"`` (OCP MX v1.0): ``floor(log2(amax)) - 2``, so ``amax / X`` lies in
+    [4, 8) and a block maximum above 6 X saturates. ``"ceil"``: the smallest ``e``
+    with ``amax <= 6 * 2^e`` (never clips). ``floor(log2(amax))`` is read exactly
+    from the float32 exponent field; the result is clamped to [-127, 127], and an
+    all-zero block gets -127.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mx_scale_exponents(torch.tensor([1.0, 6.0, 7.0, 0.0])).tolist()
+    [-2, 0, 0, -127]
+    >>> mx_scale_exponents(torch.tensor([1.0, 6.0, 7.0]), "ceil").tolist()
+    [-2, 0, 1]
+    """
+    rules = scheme_info("mxfp4").scale_rules
+    if scale_rule not in rules:
+        raise ValueError(f"scale_rule must be one of {tuple(r.value for r in rules)}, got {scale_rule!r}")
+    amax = amax.float()
+    field = (amax.view(torch.int32) >> FLOAT32_MAN_BITS) & 0xFF  # biased exponent; subnormals read as 0
+    e = (field - FLOAT32_EXP_BIAS - E2M1_EMAX).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    if scale_rule == "ceil":
+        e = e + (amax * pow2(-e) > E2M1_MAX).to(torch.int32)
+    e = torch.where(amax > 0, e, torch.full_like(e, E8M0_MIN_EXP))
+    return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+
+
+def _current_scale(amax: torch.Tensor, top: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(s_enc, s_dec)``: ``s_enc = top / amax`` (1 when amax is 0, capped at the
+    float32 maximum), ``s_dec = 1 / s_enc``, in float32."""
+    amax = amax.float()
+    # A true float32 division (a Python number over a tensor would be computed as a
+    # product with the reciprocal, one ulp off for about a quarter of amax values).
+    s_enc = torch.where(amax > 0, torch.full_like(amax, top) / amax, torch.ones_like(amax))
+    s_enc = s_enc.clamp(max=FLOAT32_MAX)
+    return s_enc, 1.0 / s_enc
+
+
+def nvfp4_tensor_scale(amax: torch.Tensor, scale_max: float = E4M3_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 per-tensor scales ``(s_enc, s_dec)`` in float32.
+
+    ``s_enc = 6 * scale_max / amax`` (1 when amax is 0, capped at the float32
+    maximum), ``s_dec = 1 / s_enc``. ``scale_max`` is the largest block scale the
+    tensor may need: E4M3's 448, or 256 under four-over-six, whose second
+    candidate scale ``amax_b / 4`` would otherwise overflow E4M3.
+
+    Examples
+    --------
+    >>> import torch
+    >>> [float(s) for s in nvfp4_tensor_scale(torch.tensor(2688.0))]
+    [1.0, 1.0]
+    """
+    return _current_scale(amax, E2M1_MAX * scale_max)
+
+
+def e4m3_round_up(v: torch.Tensor) -> torch.Tensor:
+    """The smallest E4M3 number at least ``v`` (float32, 0 <= v), saturating at 448; float32.
+
+    Examples
+    --------
+    >>> import torch
+    >>> e4m3_round_up(torch.tensor([1.0, 1.01, 1.2, 0.0, 500.0])).tolist()  # E4M3 steps by 1/8 in [1, 2)
+    [1.0, 1.125, 1.25, 0.0, 448.0]
+    """
+    q = v.to(torch.float8_e4m3fn)
+    below = q.to(torch.float32)
+    above = (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn).to(torch.float32)
+    return torch.where((below < v) & (below < E4M3_MAX), above, below)
+
+
+def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, rule: str = "nearest",
+                       target: float = E2M1_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 block scales ``(s_dec_b, s_enc_b)`` from block amax values and the tensor's scales.
+
+    ``s_dec_b = e4m3((amax_b / target) * s_enc)``, returned as float32 values of
+    E4M3 numbers: rounded to nearest even and saturating at 448 (``rule="nearest"``,
+    the standard), or rounded up (``rule="up"``), so that no block maximum lands
+    above ``target`` and stochastic rounding never has to clamp it. ``target`` is
+    the E2M1 value the block maximum maps to: 6, or 4 for four-over-six's second
+    candidate. ``s_enc_b = 1 / (s_dec_b * s_dec)``, or 0 for a block whose scale
+    rounds to 0 (it can only hold zeros).
+    """
+    ideal = (amax_b / exact_constant(amax_b, target)) * s_enc
+    if rule == "up":
+        s_dec_b = e4m3_round_up(ideal)
+    else:
+        s_dec_b = ideal.to(torch.float8_e4m3fn).to(torch.float32)
+    denom = s_dec_b * s_dec
+    s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=FLOAT32_MAX)
+    return s_dec_b, s_enc_b
+
+
+def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor,
+                        dims, round_nearest: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Four-over-six block scales ``(s_dec_b, s_enc_b)`` (Cook et al. 2025, arXiv 2512.02010).
+
+    Each block gets one of two scales: the standard one, which maps its maximum to
+    6, or one that maps it to 4, whichever gives the smaller squared error after
+    round-to-nearest. Near 6 the E2M1 grid steps by 2; mapping the maximum to 4
+    trades range for the finer steps below 4. ``blocks``: the tensor's blocks in
+    float32, ``amax_b`` their maxima broadcastable against them, ``dims`` the
+    block axes, ``round_nearest`` E2M1 round-to-nearest-even on values. The
+    tensor's scales must come from ``nvfp4_tensor_scale(amax, 256)`` so that both
+    candidates fit E4M3.
+
+    The error of a candidate with block scale ``S`` is summed in float64 over the
+    block from ``q * S - x * s_enc``, where ``q * S`` is exact (an E2M1 value times
+    an E4M3 one): every term is computed exactly alike on every path. A tie keeps 6.
+    """
+    y = blocks * s_enc
+    candidates = (nvfp4_block_scales(amax_b, s_enc, s_dec),
+                  nvfp4_block_scales(amax_b, s_enc, s_dec, target=NVFP4_4OVER6_TARGET))
+    errors = []
+    for s_dec_b, s_enc_b in candidates:
+        e = round_nearest(blocks * s_enc_b) * s_dec_b - y
+        errors.append(e.double().square().sum(dim=dims, keepdim=True))
+    use4 = errors[1] < errors[0]
+    (d6, e6), (d4, e4) = candidates
+    return torch.where(use4, d4, d6), torch.where(use4, e4, e6)
+
+
+def fp8_tensor_scale(amax: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor current scaling for FP8: ``(s_enc, s_dec)`` with ``s_enc = fmax / amax``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> [float(s) for s in fp8_tensor_scale(torch.tensor(448.0), "fp8_e4m3")]
+    [1.0, 1.0]
+    """
+    if scheme not in FP8_SCHEMES:
+        raise ValueError(f"scheme must be one of {FP8_SCHEMES}, got {scheme!r}")
+    return _current_scale(amax, scheme_info(scheme).element_max)
