@@ -18,7 +18,7 @@ On a machine with CUDA it
    least 99% of the elements (on GPUs with native bf16, compute capability 8.0+;
    on a T4 it says the check is skipped);
 4. on a GPU with block-scaled FP4 GEMMs (compute capability 10.x or 12.x), runs
-   ``fp4lib.engines.torchao.fp4_gemm`` for MXFP4 and NVFP4 and compares it with the CPU
+   ``fp4lib.engines.gemm.fp4_gemm`` for MXFP4 and NVFP4 and compares it with the CPU
    emulation ``block_scaled_matmul``: equal up to one float32 rounding per block
    accumulated; on other GPUs it says the GEMM is skipped;
 5. times about 200 training steps of the ``gpu`` preset for bf16, nvfp4 and mxfp4
@@ -177,7 +177,7 @@ def fp4_gemm_rows(device: str = "cuda") -> list:
     """``(scheme, m, n, k, max |gpu - emulation| / bound)`` for a few shapes; the bound is one
     float32 rounding per K block of the sum of |products|. Empty without an FP4 GEMM."""
     from fp4lib import quantize
-    from fp4lib.engines.torchao import block_scaled_matmul, fp4_gemm, fp4_gemm_available
+    from fp4lib.engines.gemm import block_scaled_matmul, fp4_gemm, fp4_gemm_available
 
     if not fp4_gemm_available():
         return []

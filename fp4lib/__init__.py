@@ -19,7 +19,8 @@ from .numerics.schemes import SCHEMES
 from .numerics.tensor import NestedAbsmax, QuantizedTensor
 from .training.specs import LinearSpec, QuantSpec
 from .training.layers import FP4Linear
-from .training.recipes import RECIPES, apply_recipe, get_recipe, mxfp4_recipe, naive_recipe, nvfp4_recipe
+from .training.apply import apply_recipe
+from .training.recipes import RECIPES, get_recipe, mxfp4_recipe, naive_recipe, nvfp4_recipe
 from .training.model import GPT, GPTConfig
 from .training.loop import Trainer, TrainConfig, TrainingDiverged
 

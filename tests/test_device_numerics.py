@@ -9,7 +9,7 @@
   Inductor could prove constant (what it rewrites as a reciprocal product on the
   GPU, whatever its division settings).
 * Each kernel compiled as the library compiles it for CUDA (exact division,
-  ``fp4lib.numerics.kernels.COMPILE_OPTIONS``) gives the eager formulation's bits here.
+  ``fp4lib.numerics.compiling.COMPILE_OPTIONS``) gives the eager formulation's bits here.
 * A tensor quantized on a device equals the same tensor quantized on the CPU
   (the CUDA case runs under ``make gpu-check``).
 """
@@ -26,7 +26,7 @@ import torch
 
 import fp4lib
 from fp4lib import quantize
-from fp4lib.numerics import kernels
+from fp4lib.numerics import compiling, kernels
 from fp4lib.numerics.rounding import seed_term
 from fp4lib.numerics.scales import exact_constant
 from fp4lib.numerics.schemes import SCHEMES
@@ -199,13 +199,13 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def compiles():
-    if not kernels.compile_works():
+    if not compiling.compile_works():
         pytest.skip("torch.compile does not work here")
 
 
 def test_kernels_are_compiled_with_exact_division(compiles):
-    assert kernels.COMPILE_OPTIONS == {"eager_numerics.division_rounding": True}
-    assert kernels._compile_options() == kernels.COMPILE_OPTIONS  # this torch has the option
+    assert compiling.COMPILE_OPTIONS == {"eager_numerics.division_rounding": True}
+    assert compiling._compile_options() == compiling.COMPILE_OPTIONS  # this torch has the option
     import torch._inductor.config as inductor_config
 
     assert not inductor_config.eager_numerics.division_rounding  # set for fp4lib's kernels only
@@ -213,21 +213,21 @@ def test_kernels_are_compiled_with_exact_division(compiles):
 
 def test_compiled_quantize_kernels_give_the_eager_bits(compiles):
     x = _x()
-    compiled = kernels.compile_kernel(kernels._e2m1_packed, dynamic=False)
+    compiled = compiling.compile_kernel(kernels._e2m1_packed, dynamic=False)
     for scheme, rule, tile in E2M1_CASES:
         fast, eager = compiled(x, scheme, rule, tile), kernels._e2m1_packed(x, scheme, rule, tile)
         assert all(_same(a, b) for a, b in zip(fast, eager)), (scheme, rule, tile)
     mids = tuple(float(m) for m in fp4lib.NF4._midpoints)
     order = fp4lib.NF4._on(x.device, "_order")
     blocks = x.reshape(-1, 64)
-    fast = kernels.compile_kernel(kernels._bnb_packed, dynamic=True)(blocks, mids, order)
+    fast = compiling.compile_kernel(kernels._bnb_packed, dynamic=True)(blocks, mids, order)
     assert all(_same(a, b) for a, b in zip(fast, kernels._bnb_packed(blocks, mids, order)))
 
 
 def test_compiled_fake_quant_kernels_give_the_eager_bits(compiles):
     x = _x()
-    stages = (kernels.compile_kernel(kernels._stage_scales, dynamic=False),
-              kernels.compile_kernel(kernels._stage_apply, dynamic=False))
+    stages = (compiling.compile_kernel(kernels._stage_scales, dynamic=False),
+              compiling.compile_kernel(kernels._stage_apply, dynamic=False))
     for scheme, axis, rounding, tile, rule in FAKE_QUANT_CASES:
         args = (x, seed_term(11), scheme, axis, rounding, tile, rule)
         fast = kernels.fake_quantize_fused(*args, stages=stages)
@@ -268,7 +268,7 @@ def test_fake_quant_on_a_device_gives_the_cpu_bits(device, spec_args):
 
 
 def test_float8_kernels_compile_on_the_cpu():
-    assert kernels.float8_compiles(torch.device("cpu"))
+    assert compiling.float8_compiles(torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------
@@ -277,18 +277,18 @@ def test_float8_kernels_compile_on_the_cpu():
 def test_float8_kernels_run_eagerly_below_sm89_and_say_so_once(monkeypatch, caplog):
     import logging
 
-    kernels._float8_compiles.cache_clear()
+    compiling._float8_compiles.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
     try:
-        with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
-            assert not kernels._float8_compiles("cuda", 0)
-            assert not kernels._float8_compiles("cuda", 0)
+        with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.compiling"):
+            assert not compiling._float8_compiles("cuda", 0)
+            assert not compiling._float8_compiles("cuda", 0)
         assert len(caplog.records) == 1 and "8.0, below 8.9" in caplog.text and "A100" in caplog.text
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        assert kernels._float8_compiles("cuda", 1)
+        assert compiling._float8_compiles("cuda", 1)
     finally:
-        kernels._float8_compiles.cache_clear()
+        compiling._float8_compiles.cache_clear()
 
 
 def test_seeds_are_made_on_the_operands_device_and_hadamard_matrices_are_cached():

@@ -1,4 +1,4 @@
-"""Block-scaled FP4 GEMMs (fp4lib.engines.torchao.block_scaled_matmul, fp4_gemm): the emulation's
+"""Block-scaled FP4 GEMMs (fp4lib.engines.gemm.block_scaled_matmul, fp4_gemm): the emulation's
 per-block arithmetic, its agreement with dequantize-then-matmul, and the real GEMM against
 the emulation where a GPU has one."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp4lib import quantize
-from fp4lib.engines.torchao import block_scaled_matmul, fp4_gemm, fp4_gemm_available, gemm_operand, swizzle_scales
+from fp4lib.engines.gemm import block_scaled_matmul, fp4_gemm, fp4_gemm_available, gemm_operand, swizzle_scales
 
 SCHEMES = ["mxfp4", "nvfp4"]
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fp4lib import quantize
-from fp4lib.engines.torchao import from_torchao, gemm_operand, swizzle_scales, to_torchao, unswizzle_scales
+from fp4lib.engines.gemm import gemm_operand, swizzle_scales, unswizzle_scales
+from fp4lib.engines.torchao import from_torchao, to_torchao
 
 torchao = pytest.importorskip("torchao")
 from torchao.prototype.mx_formats.mx_tensor import MXTensor, to_mx  # noqa: E402

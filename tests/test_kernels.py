@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fp4lib import BNB_FP4, quantize
-from fp4lib.numerics import kernels, scaling
-from fp4lib.numerics.kernels import VerifiedCompiled, compile_works
+from fp4lib.numerics import compiling, kernels
+from fp4lib.numerics import quantize as quantize_module
+from fp4lib.numerics.compiling import VerifiedCompiled, compile_works
 
 SHAPES = [(4096,), (64, 48), (7, 13), (3, 1000), (1,), (130,)]
 BLOCK_SHAPES = [(4, 64), (3, 5, 32), (64, 96), (1, 32)]
@@ -108,13 +109,13 @@ def test_compiled_path_matches_reference():
 def test_auto_uses_the_fast_path_only_where_it_pays_and_applies(monkeypatch):
     calls = []
     real = kernels.quantize_packed
-    monkeypatch.setattr(kernels, "quantize_packed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(quantize_module, "quantize_packed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     quantize(torch.randn(64, 64), "nvfp4")  # small: the reference
     quantize(torch.randn(256, 256), "nvfp4", rounding="stochastic")  # stochastic: the reference
     quantize(torch.randn(256, 256), "nf4", double_quant=True)  # double quantization: the reference
     assert calls == []
     if compile_works():
-        monkeypatch.setattr(scaling, "_AUTO_SEEN", {})
+        monkeypatch.setattr(quantize_module, "_AUTO_SEEN", {})
         x = torch.randn(512, 128)
         quantize(x, "nvfp4")  # a shape's first call does not wait for a compile
         assert calls == []
@@ -147,12 +148,12 @@ def test_a_kernel_whose_bits_differ_is_not_trusted(caplog):
 
     k = VerifiedCompiled(eager, miscompiled)
     x = torch.randn(8)
-    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.compiling"):
         out = k.call(("key",), "my kernel", x)
     assert "my kernel: the compiled kernel's bits differ" in caplog.text
     assert torch.equal(out[0], x * 2)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.compiling"):
         assert torch.equal(k.call(("key",), "my kernel", x)[0], x * 2)  # eager from then on, quietly
     assert caplog.records == []
     good = VerifiedCompiled(eager, eager)
@@ -165,7 +166,7 @@ def test_a_cuda_build_of_torch_compiling_for_the_cpu_adds_no_notice_without_a_gp
     import logging
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    kernels._quiet_cuda_notice()
+    compiling._quiet_cuda_notice()
     log = logging.getLogger("torch.utils.cpp_extension")
     with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
         log.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")

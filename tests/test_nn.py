@@ -24,7 +24,7 @@ from fp4lib.training.operands import (
     reference_operand,
 )
 from fp4lib.numerics.hadamard import hadamard_along, hadamard_signs
-from fp4lib.numerics.kernels import compile_works
+from fp4lib.numerics.compiling import compile_works
 from fp4lib.training.layers import FP4Linear
 from fp4lib.numerics.rounding import hash_uniform, seed_term
 from fp4lib.training.specs import ROLES, LinearSpec, QuantSpec
@@ -448,19 +448,19 @@ def test_compiled_backend_that_disagrees_with_fused_falls_back_loudly(caplog):
     # kernel cache) must not be used: the first call per spec and shape compares them.
     import functools
 
-    from fp4lib.numerics import kernels
+    from fp4lib.numerics import compiling, kernels
 
     def bad_apply(*args):
         values, scale = kernels._stage_apply(*args)
         return values + 1.0, scale
 
-    wrapper = kernels._CompiledFakeQuant.__new__(kernels._CompiledFakeQuant)
-    wrapper.kernel = kernels.VerifiedCompiled(
+    wrapper = kernels._CompiledFakeQuantize.__new__(kernels._CompiledFakeQuantize)
+    wrapper.kernel = compiling.VerifiedCompiled(
         kernels.fake_quantize_fused,
         functools.partial(kernels.fake_quantize_fused, stages=(kernels._stage_scales, bad_apply)))
     x = torch.randn(32, 64)
     seed_t = seed_term(3)
-    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.kernels"):
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.compiling"):
         out = wrapper(x, seed_t, "nvfp4", 1, "stochastic")
     assert re.search(r"scheme=nvfp4, block axis 1, rounding=stochastic.*bits differ", caplog.text)
     ref = kernels.fake_quantize_fused(x, seed_t, "nvfp4", 1, "stochastic")

@@ -6,17 +6,10 @@ import torch
 import torch.nn as nn
 
 from fp4lib.training.model import GPT, GPTConfig
-from fp4lib.training.layers import FP4Linear, QuantSpec
-from fp4lib.training.recipes import (
-    RECIPES,
-    Recipe,
-    nvfp4_recipe,
-    apply_recipe,
-    get_recipe,
-    hp_switch_step,
-    quantized_layers,
-    set_quantization,
-)
+from fp4lib.training.apply import apply_recipe, quantized_layers, set_quantization
+from fp4lib.training.layers import FP4Linear
+from fp4lib.training.recipes import Recipe, get_recipe, hp_switch_step, nvfp4_recipe
+from fp4lib.training.specs import QuantSpec
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import torch
 from fp4lib.training.checkpoint import current_checkpoint
 from fp4lib.training.data import TokenWindows
 from fp4lib.training.model import GPT, GPTConfig
-from fp4lib.training.recipes import apply_recipe
+from fp4lib.training.apply import apply_recipe
 from fp4lib.training.loop import (
     CHECKPOINT_FILE,
     METRICS_FILE,

@@ -30,7 +30,8 @@ from typing import Optional, Tuple
 import torch
 
 from .constants import NVFP4_TILE
-from .kernels import compile_works, quantize_packed
+from .compiling import compile_works
+from .kernels import quantize_packed
 from .reference import fp8_fake_quantize, quantize_reference
 from .rounding import check_rounding
 from .schemes import (FP8_SCHEMES, NONFINITE_MODES, SCHEMES, SUPPORTED_DTYPES, Backend, check_backend,

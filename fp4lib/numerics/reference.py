@@ -18,7 +18,7 @@ from .formats import E2M1, FORMATS, ElementFormat
 from .packing import pack_nibbles
 from .scales import (bnb_scale_blocks, bnb_scale_tail, e2m1_tensor_scale, fp8_tensor_scale, mx_scale_exponents,
                      nvfp4_block_scales, nvfp4_four_over_six, nvfp4_tensor_scale, pow2)
-from .schemes import FP8_SCHEMES, ScaleRule, scheme_info
+from .schemes import FP8_SCHEMES, ScaleRule, resolve_scale_rule, scheme_info
 from .tensor import NestedAbsmax, QuantizedTensor, block_view, times_blocks
 
 __all__ = ["quantize_reference", "dynamic_map_8bit", "nested_quantize", "fp8_fake_quantize"]
@@ -191,7 +191,7 @@ def quantize_reference(x32: torch.Tensor, scheme: str, *, block_size: int, round
     """:func:`fp4lib.quantize` on a checked input: contiguous, finite float32 ``x32``.
 
     The arguments are :func:`fp4lib.quantize`'s, already validated there
-    (``block_size`` resolved, ``scale_rule`` a rule of the scheme); ``dtype`` is
+    (``block_size`` resolved; ``scale_rule`` ``None`` means the standard rule); ``dtype`` is
     the original tensor's (default float32) and ``nonfinite_count`` the number of
     NaN/Inf inputs already replaced by 0. The scheme's record picks the quantizer.
 
@@ -202,6 +202,7 @@ def quantize_reference(x32: torch.Tensor, scheme: str, *, block_size: int, round
     [1.0, -2.0]
     """
     info = scheme_info(scheme)
+    scale_rule = resolve_scale_rule(scheme, scale_rule)
     common = dict(shape=x32.shape, dtype=dtype or x32.dtype, scheme=scheme, block_size=block_size, rounding=rounding,
                   nonfinite_count=nonfinite_count)
     amax = (x32.abs().max() if tensor_amax is None else tensor_amax) if info.tensor_scale else None

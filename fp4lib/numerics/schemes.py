@@ -12,7 +12,7 @@ Examples
 >>> info.element, info.block_size, info.scale_format, info.tensor_scale, info.nominal_bits
 ('e2m1', 16, 'e4m3', True, 4.5)
 >>> [s.name for s in SCHEME_INFO.values() if s.operand]
-['e2m1_per_tensor', 'mxfp4', 'nvfp4', 'fp8_e4m3', 'fp8_e5m2']
+['mxfp4', 'nvfp4', 'e2m1_per_tensor', 'fp8_e4m3', 'fp8_e5m2']
 """
 
 from __future__ import annotations
@@ -151,13 +151,13 @@ _RECORDS = (
            nibble_order="high_first"),
     Scheme("nf4", "absmax", "nf4", FP4_BITS, 1.0, BNB_DEFAULT_BLOCK_SIZE, BNB_BLOCK_SIZES, "fp32",
            nibble_order="high_first"),
-    Scheme(PER_TENSOR, "tensor", "e2m1", FP4_BITS, E2M1_MAX, 0, (0,), "fp32", tensor_scale=True,
-           nibble_order="low_first", operand=True),
     Scheme("mxfp4", "mx", "e2m1", FP4_BITS, E2M1_MAX, MX_BLOCK_SIZE, (MX_BLOCK_SIZE,), "e8m0",
            scale_rules=(ScaleRule.FLOOR, ScaleRule.CEIL), nibble_order="low_first", operand=True),
     Scheme("nvfp4", "nv", "e2m1", FP4_BITS, E2M1_MAX, NVFP4_BLOCK_SIZE, (NVFP4_BLOCK_SIZE,), "e4m3", tensor_scale=True,
            scale_rules=(ScaleRule.NEAREST, ScaleRule.UP, ScaleRule.FOUR_OVER_SIX), nibble_order="low_first",
            tiles=True, operand=True),
+    Scheme(PER_TENSOR, "tensor", "e2m1", FP4_BITS, E2M1_MAX, 0, (0,), "fp32", tensor_scale=True,
+           nibble_order="low_first", operand=True),
     Scheme("fp8_e4m3", "fp8", "e4m3", SCALE8_BITS, E4M3_MAX, 0, (0,), "fp32", tensor_scale=True, storage=False,
            compiled=False, operand=True, dtype=torch.float8_e4m3fn),
     Scheme("fp8_e5m2", "fp8", "e5m2", SCALE8_BITS, E5M2_MAX, 0, (0,), "fp32", tensor_scale=True, storage=False,
@@ -196,7 +196,7 @@ def scheme_info(name: str) -> Scheme:
     >>> scheme_info("fp4")
     Traceback (most recent call last):
     ...
-    ValueError: scheme must be one of ('bnb_fp4', 'nf4', 'e2m1_per_tensor', 'mxfp4', 'nvfp4', 'fp8_e4m3', 'fp8_e5m2'), got 'fp4'
+    ValueError: scheme must be one of ('bnb_fp4', 'nf4', 'mxfp4', 'nvfp4', 'e2m1_per_tensor', 'fp8_e4m3', 'fp8_e5m2'), got 'fp4'
     """
     try:
         return SCHEME_INFO[name]

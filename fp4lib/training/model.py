@@ -3,7 +3,7 @@
 Pre-LayerNorm decoder blocks (causal self-attention + MLP), learned position
 embeddings, the output head tied to the token embedding, no biases. Chapter 5 of
 the book trains it on bytes (vocabulary 256). FP4 enters from outside:
-:func:`fp4lib.training.recipes.apply_recipe` swaps the ``nn.Linear`` layers inside the
+:func:`fp4lib.training.apply.apply_recipe` swaps the ``nn.Linear`` layers inside the
 blocks for :class:`fp4lib.training.layers.FP4Linear`; the embeddings, the head, the norms and
 the attention softmax and batched matmuls always stay in high precision.
 

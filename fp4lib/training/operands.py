@@ -1,9 +1,10 @@
 """The fake quantization of GEMM operands in training, and the scaled GEMM that consumes it.
 
-One operand, one call: :func:`fake_quantize_operand` returns ``(values, tensor_scale)``,
-the block-scaled E2M1 values (exact in bfloat16) and the FP32 per-tensor scale that
-the GEMM applies to its output (:func:`scaled_gemm`). Three interchangeable
-backends compute it, with identical bits:
+One operand, one call: :func:`fake_quantize_operand` with ``factored=True`` returns
+``(values, tensor_scale)``, the block-scaled E2M1 values (exact in bfloat16) and the
+FP32 per-tensor scale that the GEMM applies to its output (:func:`scaled_gemm`).
+Three interchangeable backends (:class:`~fp4lib.numerics.schemes.Backend`) compute
+it, with identical bits:
 
 * ``"reference"`` -- :func:`reference_operand`, a thin call of
   :func:`fp4lib.fake_quantize` (the one reference of the scale arithmetic) with the
@@ -26,7 +27,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 
 from ..numerics.hadamard import hadamard_along, hadamard_signs
-from ..numerics.kernels import compile_works, fake_quantize_compiled, fake_quantize_fused
+from ..numerics.compiling import compile_works
+from ..numerics.kernels import fake_quantize_compiled, fake_quantize_fused
 from ..numerics.quantize import fake_quantize
 from ..numerics.rounding import cheap_uniform, seed_term
 from ..numerics.schemes import Backend, check_backend, scheme_info

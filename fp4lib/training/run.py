@@ -34,7 +34,8 @@ import torch
 
 from .data import TokenWindows, load_corpus, split_tokens, VAL_FRACTION
 from .model import GPT, GPTConfig
-from .recipes import Recipe, apply_recipe, get_recipe, hp_switch_step, quantization_disabled, set_quantization
+from .apply import apply_recipe, quantization_disabled, set_quantization
+from .recipes import Recipe, get_recipe, hp_switch_step
 from .checkpoint import ResumeError, current_checkpoint
 from .loop import TrainConfig, Trainer, TrainResult, default_loss
 
