@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from .training import checkpoint, distributed
 from .training.checkpoint import RunDirError
@@ -82,8 +83,6 @@ _fraction = _number_in(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 def check_device(device: str) -> str:
     """``device`` if this machine has it (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); else ``ValueError``
     saying what is allowed here."""
-    import torch
-
     cuda = torch.cuda.is_available()
     allowed = "auto, cpu" + (", cuda or cuda:N (N < %d)" % torch.cuda.device_count() if cuda else "")
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -227,11 +226,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, wo
             parser.error(f"argument --corpus: {msg}")
         parser.error(msg)
     finally:
-        if args.dist:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if args.dist and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _report(result, out: str) -> None:
