@@ -32,9 +32,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from .training import checkpoint, distributed
 from .training.checkpoint import RunDirError
@@ -49,40 +50,39 @@ FINAL_LINE_PREFIX = "final val_loss: "
 SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; mix_seed hashes them
 
 
-def _int_in(low: int, high: int, allowed: str):
-    """An argparse type: an integer in ``[low, high]``; ``allowed`` says so in the error message."""
+def _number_in(convert: Callable[[str], Any], ok: Callable[[Any], bool], allowed: str, quote_text: bool = False):
+    """An argparse type: ``convert(text)``, accepted when ``ok`` of it holds; ``allowed`` says what is
+    accepted in the error message, which quotes the text as given when it does not convert (and, with
+    ``quote_text``, also when its value is out of bounds; else it shows the value)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            v = int(text)
+            v = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}" if quote_text
+                                             else f"must be {allowed}, got {v}")
         return v
 
     return parse
 
 
+def _int_in(low: int, high: int, allowed: str):
+    """An argparse type: an integer in ``[low, high]``; ``allowed`` says so in the error message."""
+    return _number_in(int, lambda v: low <= v <= high, allowed)
+
+
 _seed = _int_in(0, SEED_MAX, f"an integer in [0, {SEED_MAX}]")
 _threads = _int_in(1, os.cpu_count() or 1, f"an integer from 1 to {os.cpu_count() or 1} (this machine's CPUs)")
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return v
+_seconds = _number_in(float, lambda v: 0 < v < float("inf"), "a positive number of seconds", quote_text=True)
+_positive_int = _number_in(int, lambda v: v > 0, "a positive integer")
+_fraction = _number_in(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def check_device(device: str) -> str:
     """``device`` if this machine has it (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); else ``ValueError``
     saying what is allowed here."""
-    import torch
-
     cuda = torch.cuda.is_available()
     allowed = "auto, cpu" + (", cuda or cuda:N (N < %d)" % torch.cuda.device_count() if cuda else "")
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -97,26 +97,6 @@ def check_device(device: str) -> str:
         raise ValueError(f"{device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s); "
                          f"allowed: {allowed}")
     return device
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {v}")
-    return v
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -161,6 +141,24 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    out = _check_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:  # the checkpoint module's warnings (a partial metrics line, a stale lock)
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    world, extra = _join_world(parser, args)
+    main_rank = world is None or world.is_main
+    result = _run(parser, args, out, world, main_rank, extra)
+    if result is None:
+        return 1
+    if not main_rank:
+        return 0
+    _report(result, out)
+    return 0
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The arguments' problems that show before any work (through ``parser.error``); returns the output directory."""
     if args.corpus is not None and not Path(args.corpus).is_file():
         parser.error(f"argument --corpus: {args.corpus!r} does not exist or is not a file")
     try:
@@ -181,55 +179,59 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("argument --grad-comm: applies to --dist ddp (a DDP communication hook)")
     if args.collective_timeout is not None and not args.dist:
         parser.error("argument --collective-timeout: applies to a data-parallel run (--dist ddp or --dist fsdp)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not logging.getLogger().handlers:  # the checkpoint module's warnings (a partial metrics line, a stale lock)
-        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    extra = {}
-    main_rank = True
-    world = None
-    if args.dist:
-        try:
-            world = distributed.init_world(args.dist, args.device, timeout=args.collective_timeout)
-        except ValueError as e:
-            parser.error(f"argument --dist: {e}")
-        batch = PRESETS[args.preset].train.batch_size
-        if batch % world.world_size:
-            parser.error(f"argument --dist: the {args.preset} preset's batch of {batch} sequences does not divide "
-                         f"over {world.world_size} processes")
-        main_rank = world.is_main
-        extra["trainer_factory"] = distributed.trainer_factory(world, amax_reduce=args.amax_reduce,
-                                                               grad_comm=args.grad_comm)
+    return out
+
+
+def _join_world(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """With ``--dist``: the process group (:func:`fp4lib.training.distributed.init_world`) and the
+    data-parallel trainer factory for :func:`run_training`. Without: ``(None, {})``."""
+    if not args.dist:
+        return None, {}
     try:
-        result = run_training(args.recipe, args.preset, steps=args.steps, seed=args.seed, out=out,
-                              resume=args.resume, overwrite=args.overwrite, corpus=args.corpus, backend=args.backend,
-                              hp_final_fraction=args.hp_final_fraction, device=args.device,
-                              eval_every=args.eval_every, progress=not args.no_progress,
-                              log=print if main_rank else (lambda s: None), **extra)
+        world = distributed.init_world(args.dist, args.device, timeout=args.collective_timeout)
+    except ValueError as e:
+        parser.error(f"argument --dist: {e}")
+    batch = PRESETS[args.preset].train.batch_size
+    if batch % world.world_size:
+        parser.error(f"argument --dist: the {args.preset} preset's batch of {batch} sequences does not divide "
+                     f"over {world.world_size} processes")
+    factory = distributed.trainer_factory(world, amax_reduce=args.amax_reduce, grad_comm=args.grad_comm)
+    return world, {"trainer_factory": factory}
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, world, main_rank: bool, extra: dict):
+    """Train (:func:`run_training`); the result, or ``None`` after a diverged run or a collective that timed
+    out (with its message on stderr). Argument and output-directory errors go through ``parser.error``;
+    the process group ends here."""
+    try:
+        return run_training(args.recipe, args.preset, steps=args.steps, seed=args.seed, out=out,
+                            resume=args.resume, overwrite=args.overwrite, corpus=args.corpus, backend=args.backend,
+                            hp_final_fraction=args.hp_final_fraction, device=args.device,
+                            eval_every=args.eval_every, progress=not args.no_progress,
+                            log=print if main_rank else (lambda s: None), **extra)
     except TrainingDiverged as e:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
-        return 1
+        return None
     except RunDirError as e:
         parser.error(f"argument {e.argument}: {e}")
     except RuntimeError as e:
         if world is None or not distributed.is_timeout(e):
             raise
         print(f"error: {distributed.describe_timeout(world)}", file=sys.stderr)
-        return 1
+        return None
     except ValueError as e:
         msg = str(e)
         if msg.startswith("corpus "):
             parser.error(f"argument --corpus: {msg}")
         parser.error(msg)
     finally:
-        if args.dist:
-            import torch.distributed as dist
+        if args.dist and dist.is_initialized():
+            dist.destroy_process_group()
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    if not main_rank:
-        return 0
+
+def _report(result, out: str) -> None:
+    """The closing lines: the gradient traffic of a DDP run, the metrics file and median step, the final loss."""
     med = sorted(result.step_ms)[len(result.step_ms) // 2] if result.step_ms else float("nan")
     comm = result.info.get("grad_comm_bytes_per_step")
     if comm:
@@ -237,7 +239,6 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{comm['wire']:,.0f} sent (ring model)")
     print(f"metrics: {Path(out) / 'metrics.jsonl'}; median step {med:.0f} ms")
     print(f"{FINAL_LINE_PREFIX}{result.final_val_loss:.6f}")
-    return 0
 
 
 def _precheck_out(out: Path, resume: bool, overwrite: bool) -> None:

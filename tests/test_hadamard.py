@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fp4lib import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
+from fp4lib.numerics.hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard, random_signs
 
 SIZES = [16, 32, 64, 128]
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fp4lib import quantize
-from fp4lib.training.memory import PRESET_SHAPES, bits_per_element, bytes_by_kind, memory_account, memory_table
+from fp4lib.training.memory import (PRESET_SHAPES, bytes_by_kind, memory_account, memory_table,
+                                    stored_bits_per_element)
 from fp4lib.training.model import GPT, GPTConfig
 from fp4lib.training.recipes import get_recipe
 from fp4lib.training.specs import QuantSpec
@@ -48,19 +49,19 @@ def test_weights_count_every_parameter_once():
 
 @pytest.mark.parametrize("spec", [QuantSpec("nvfp4"), QuantSpec("nvfp4", tile=True), QuantSpec("mxfp4"),
                                   QuantSpec("e2m1_per_tensor")], ids=QuantSpec.short)
-def test_bits_per_element_are_the_bytes_of_real_quantized_tensors(spec):
+def test_stored_bits_per_element_are_the_bytes_of_real_quantized_tensors(spec):
     x = torch.randn(192, 256)
     q = quantize(x, spec.scheme, tile=spec.tile, backend="reference")
     stored = q.packed.numel() + q.scale.numel() * q.scale.element_size()
     stored += 4 if q.global_scale is not None else 0
-    assert stored * 8 == pytest.approx(bits_per_element(spec, x.numel()) * x.numel())
+    assert stored * 8 == pytest.approx(stored_bits_per_element(spec, x.numel()) * x.numel())
 
 
 @pytest.mark.parametrize("scheme", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_bits_are_one_byte_per_element_plus_a_scale(scheme):
     x = torch.randn(64, 64)
     stored = x.numel() * torch.empty(0, dtype=torch.float8_e4m3fn).element_size() + 4
-    assert stored * 8 == pytest.approx(bits_per_element(QuantSpec(scheme), x.numel()) * x.numel())
+    assert stored * 8 == pytest.approx(stored_bits_per_element(QuantSpec(scheme), x.numel()) * x.numel())
 
 
 def test_fp4_saves_memory_in_weight_copies_and_activations_only():

@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp4lib import block_hadamard, fake_quantize
+from fp4lib import fake_quantize
 from fp4lib.training.operands import (
     fake_quantize_operand,
     mix_seed,
     reference_operand,
 )
-from fp4lib.numerics.hadamard import hadamard_along, hadamard_signs
+from fp4lib.numerics.hadamard import block_hadamard, hadamard_along, hadamard_signs
 from fp4lib.numerics.compiling import compile_works
 from fp4lib.training.layers import FP4Linear
 from fp4lib.numerics.rounding import hash_uniform, seed_term

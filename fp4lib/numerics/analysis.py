@@ -281,17 +281,25 @@ def four_panel_figure(
     plt = _pyplot()
     x = x.reshape(-1)
     y = y.reshape(-1)
-    n = x.numel()
     err = (y - x).abs()
     levels = torch.unique(y).numel()
-    mae = float(err.mean())
-    i_max = int(err.argmax())
-    few = levels <= 32
-    xn, yn, en = x.numpy(), y.numpy(), err.numpy()
-    c_hp, c_dq, c_err = BOOK_COLORS["blue"], BOOK_COLORS["vermillion"], BOOK_COLORS["grey"]
-
     fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.6))
     ax1, ax2, ax3, ax4 = axes.reshape(-1)
+    _index_panels(ax1, ax2, x, y, err, levels, labels, max_points, BOOK_COLORS)
+    _histogram_panel(ax3, x, y, levels, labels, BOOK_COLORS)
+    _staircase_panel(ax4, x, y, levels, labels, scatter_points, seed, BOOK_COLORS)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _index_panels(ax1, ax2, x, y, err, levels: int, labels, max_points: int, colors) -> None:
+    """Panels 1 and 2 of :func:`four_panel_figure`: the values, and their absolute errors, by weight index."""
+    n = x.numel()
+    mae = float(err.mean())
+    i_max = int(err.argmax())
+    xn, yn, en = x.numpy(), y.numpy(), err.numpy()
+    c_hp, c_dq, c_err = colors["blue"], colors["vermillion"], colors["grey"]
     k = min(n, max_points)
     idx = np.arange(k)
     where = f" (first {k:,} of {n:,})" if k < n else ""
@@ -303,7 +311,7 @@ def four_panel_figure(
     ax1.plot(idx, yn[:k], "s", color=c_dq, markersize=ms * 0.8, markerfacecolor="none", label=labels[1])
     ax1.set_xlabel(f"weight index{where}")
     ax1.set_ylabel("value (weight units)")
-    if few:
+    if levels <= 32:
         ax1.set_title(f"{n:,} weights land on {levels} levels")
     else:
         ax1.set_title(f"Dequantized weights stay within {float(err.max()):.3g} of the originals")
@@ -314,13 +322,16 @@ def four_panel_figure(
         ax2.bar(idx, en[:k], width=0.8, color=c_dq, alpha=0.8, label="|error|")
     else:
         ax2.vlines(idx, 0, en[:k], color=c_dq, linewidth=0.8, alpha=0.8, label="|error|")
-    ax2.axhline(mae, color=BOOK_COLORS["black"], linestyle="--", linewidth=1.2, label=f"MAE {mae:.3g}")
+    ax2.axhline(mae, color=colors["black"], linestyle="--", linewidth=1.2, label=f"MAE {mae:.3g}")
     ax2.set_xlabel(f"weight index{where}")
     ax2.set_ylabel("absolute error (weight units)")
     ax2.set_title(f"Mean error {mae:.3g}; the largest, {float(err[i_max]):.3g}, at weight {i_max:,}")
     ax2.legend(loc="upper right")
 
-    # (3) histograms on common bins; a large tensor shows its central 99.8%
+
+def _histogram_panel(ax3, x, y, levels: int, labels, colors) -> None:
+    """Panel 3 of :func:`four_panel_figure`: histograms on common bins; a large tensor shows its central 99.8%."""
+    n = x.numel()
     if n <= 1000:
         lo = float(torch.minimum(x.min(), y.min()))
         hi = float(torch.maximum(x.max(), y.max()))
@@ -333,18 +344,23 @@ def four_panel_figure(
     if hi <= lo:
         hi = lo + 1.0
     bins = np.linspace(lo, hi, 41 if n <= 1000 else 81)
-    ax3.hist(xn, bins=bins, color=c_hp, alpha=0.45, label=f"{labels[0]} (std {float(x.std()):.3g})")
-    ax3.hist(yn, bins=bins, histtype="step", color=c_dq, linewidth=1.6,
+    ax3.hist(x.numpy(), bins=bins, color=colors["blue"], alpha=0.45, label=f"{labels[0]} (std {float(x.std()):.3g})")
+    ax3.hist(y.numpy(), bins=bins, histtype="step", color=colors["vermillion"], linewidth=1.6,
              label=f"{labels[1]} (std {float(y.std()):.3g})")
     ax3.set_xlabel(f"value (weight units{hist_note})")
     ax3.set_ylabel("number of weights")
-    if few:
+    if levels <= 32:
         ax3.set_title(f"The dequantized values pile up on {levels} levels")
     else:
         ax3.set_title("The dequantized histogram keeps the shape, with gaps")
     ax3.legend(loc="upper left")
 
-    # (4) correlation: the staircase
+
+def _staircase_panel(ax4, x, y, levels: int, labels, scatter_points: int, seed: int, colors) -> None:
+    """Panel 4 of :func:`four_panel_figure`: dequantized against original value (the staircase) and ``y = x``."""
+    n = x.numel()
+    xn, yn = x.numpy(), y.numpy()
+    c_dq = colors["vermillion"]
     if n > scatter_points:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(n, generator=g)[:scatter_points].numpy()
@@ -353,19 +369,16 @@ def four_panel_figure(
     r = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if n > 1 else float("nan")
     lo4 = float(min(xn[pick].min(), yn[pick].min()))
     hi4 = float(max(xn[pick].max(), yn[pick].max()))
-    ax4.plot([lo4, hi4], [lo4, hi4], linestyle="--", color=BOOK_COLORS["grey"], linewidth=1.0, label="y = x")
+    ax4.plot([lo4, hi4], [lo4, hi4], linestyle="--", color=colors["grey"], linewidth=1.0, label="y = x")
     order = np.argsort(xn[pick], kind="stable")
     ax4.step(xn[pick][order], yn[pick][order], where="mid", color=c_dq, linewidth=0.8, alpha=0.5)
-    ax4.scatter(xn[pick], yn[pick], s=14 if len(pick) <= 100 else 4, color=c_dq, alpha=0.9 if len(pick) <= 100 else 0.35,
+    few_points = len(pick) <= 100
+    ax4.scatter(xn[pick], yn[pick], s=14 if few_points else 4, color=c_dq, alpha=0.9 if few_points else 0.35,
                 label=labels[1] + (f" ({len(pick):,} sampled)" if len(pick) < n else ""), zorder=3)
     ax4.set_xlabel(f"{labels[0]} value (weight units)")
     ax4.set_ylabel(f"{labels[1]} value (weight units)")
-    if few:
+    if levels <= 32:
         ax4.set_title(f"Correlation {r:.4f}: a staircase of {levels} steps")
     else:
         ax4.set_title(f"Correlation {r:.4f}: per-block scales blur the steps")
     ax4.legend(loc="upper left")
-
-    if title:
-        fig.suptitle(title)
-    return fig

@@ -146,7 +146,7 @@ def hadamard_signs(block_size: int, seed: int, device=None) -> torch.Tensor:
 
 
 def hadamard_along(x: torch.Tensor, axis: int, block_size: int, signs: torch.Tensor) -> torch.Tensor:
-    """Apply :func:`fp4lib.block_hadamard` to blocks along ``axis`` (0 or 1) of a 2-D tensor.
+    """Apply :func:`fp4lib.numerics.hadamard.block_hadamard` to blocks along ``axis`` (0 or 1) of a 2-D tensor.
 
     ``x``: float32 ``(rows, cols)``; the transformed axis must be a multiple of
     ``block_size``. Along axis 1 this is ``block_hadamard(x, block_size, signs)``;

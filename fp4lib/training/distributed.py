@@ -60,6 +60,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .checkpoint import CHECKPOINT_FILE, RunDirError
@@ -216,8 +217,6 @@ def _mean_over_ranks(loss_fn: Callable) -> Callable:
 def _wrap(model: nn.Module, world: World) -> nn.Module:
     model = model.to(world.device)
     if world.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

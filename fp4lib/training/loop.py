@@ -260,7 +260,8 @@ class Trainer:
                 f.flush()
 
     def manifest_fields(self) -> dict:
-        """What a resume of this trainer's checkpoints must match (:data:`fp4lib.training.checkpoint.MANIFEST_FIELDS`)."""
+        """What a resume of this trainer's checkpoints must match
+        (:data:`fp4lib.training.checkpoint.MANIFEST_FIELDS`)."""
         info = self.run_info
         corpus = info.get("corpus")
         return {"kind": "plain", "world_size": 1, "dist": None, "amax_reduce": False, "grad_comm": "fp32",
@@ -400,81 +401,17 @@ class Trainer:
 
     def _train(self, resume: bool, held) -> TrainResult:
         cfg = self.config
-        resumed_from = None
-        if resume:
-            resumed_from = self.load_checkpoint()
-            self._metrics_file = self.metrics_path
-            self._truncate_metrics(resumed_from)
-            self._log({"step": resumed_from, "event": "resume"})
-        elif self.metrics_path is not None:
-            self.run_id = checkpoint.new_run_id()
-            staged = held is not None and held.stage_metrics
-            self._metrics_file = (self.metrics_path.with_name(METRICS_FILE + checkpoint.STAGED_SUFFIX) if staged
-                                  else self.metrics_path)
-            self._metrics_file.write_text("")
-            self._log({"step": 0, "event": "start", "run_id": self.run_id, "config": dataclasses.asdict(cfg),
-                       "run_info": self.run_info, "device": str(self.device), "precision": self.precision})
+        resumed_from = self._open_metrics(resume, held)
         self.model.train()
         tokens_per_step = None
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, file=sys.stderr,
-                       dynamic_ncols=True, desc=self.run_info.get("recipe", "train"))
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            bar = None
+        bar = self._progress_bar()
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
-                checkpoint.fault("stall", step, getattr(getattr(self, "world", None), "rank", 0))
-                for hook in self.hooks:
-                    hook(self, step)
-                t0 = time.perf_counter()
-                batch = self._to_device(self.train_data.sample(cfg.batch_size, self.data_generator))
+                loss_value, grad_norm, lr, ms, tokens = self._train_step(step)
                 if tokens_per_step is None:
-                    tokens_per_step = batch[0].numel()
-                with self._autocast():
-                    loss = self.loss_fn(self.model, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                if hasattr(grad_norm_t, "full_tensor"):  # a DTensor (FSDP2): its value on every rank
-                    grad_norm_t = grad_norm_t.full_tensor()
-                # The step's one host sync: the loss and the gradient norm read together, before
-                # the optimizer step, so that the divergence guard can still stop it.
-                loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm_t.float()]).tolist()
-                if not math.isfinite(loss_value):
-                    raise self._diverged(step, loss_value, "the loss is not finite")
-                if cfg.blowup_factor is not None and loss_value > cfg.blowup_factor * self.best_loss:
-                    raise self._diverged(step, loss_value,
-                                         f"the loss exceeds {cfg.blowup_factor} x the best loss so far ({self.best_loss:.4f})")
-                if not math.isfinite(grad_norm):
-                    raise self._diverged(step, loss_value, "the gradient norm is not finite")
-                lr = lr_at(step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.optimizer.step()
-                # No synchronisation for the clock: on a GPU the optimizer step queued here
-                # finishes inside the next step's read, so the median is the steady step time.
-                ms = (time.perf_counter() - t0) * 1e3
-                self.step = step
-                self.best_loss = min(self.best_loss, loss_value)
-                self.train_losses.append(loss_value)
-                self.step_ms.append(ms)
-                tok_s = tokens_per_step / (ms / 1e3)
-                self._log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_ms": ms,
-                           "tokens_per_s": tok_s})
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    val = self.evaluate()
-                    self.val_losses.append((step, val))
-                    self._log({"step": step, "val_loss": val})
-                if bar is not None:
-                    post = {"loss": f"{loss_value:.4f}", "tok/s": f"{tok_s:,.0f}"}
-                    if self.val_losses:
-                        post["val"] = f"{self.val_losses[-1][1]:.4f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-                    self.save_checkpoint()
+                    tokens_per_step = tokens
+                self._end_step(step, loss_value, grad_norm, lr, ms, tokens_per_step, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -491,3 +428,99 @@ class Trainer:
             resumed_from=resumed_from,
             info=dict(self.run_info, device=str(self.device), precision=self.precision),
         )
+
+    def _open_metrics(self, resume: bool, held) -> Optional[int]:
+        """Restore a resumed run (returning its checkpoint's step) or start a fresh run's
+        metrics file (staged while ``held`` replaces a previous run); log either event."""
+        if resume:
+            resumed_from = self.load_checkpoint()
+            self._metrics_file = self.metrics_path
+            self._truncate_metrics(resumed_from)
+            self._log({"step": resumed_from, "event": "resume"})
+            return resumed_from
+        if self.metrics_path is not None:
+            self.run_id = checkpoint.new_run_id()
+            staged = held is not None and held.stage_metrics
+            self._metrics_file = (self.metrics_path.with_name(METRICS_FILE + checkpoint.STAGED_SUFFIX) if staged
+                                  else self.metrics_path)
+            self._metrics_file.write_text("")
+            self._log({"step": 0, "event": "start", "run_id": self.run_id, "config": dataclasses.asdict(self.config),
+                       "run_info": self.run_info, "device": str(self.device), "precision": self.precision})
+        return None
+
+    def _progress_bar(self):
+        """A tqdm bar from the current step to ``config.steps`` (disabled without ``progress``)."""
+        cfg = self.config
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, file=sys.stderr,
+                        dynamic_ncols=True, desc=self.run_info.get("recipe", "train"))
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            return None
+
+    def _train_step(self, step: int) -> Tuple[float, float, float, float, int]:
+        """Hooks, forward, backward, clipping, the divergence guard and the optimizer step of ``step``.
+
+        Returns the loss, the gradient norm, the learning rate, the step's wall time
+        (milliseconds) and the tokens in its batch."""
+        cfg = self.config
+        checkpoint.fault("stall", step, getattr(getattr(self, "world", None), "rank", 0))
+        for hook in self.hooks:
+            hook(self, step)
+        t0 = time.perf_counter()
+        batch = self._to_device(self.train_data.sample(cfg.batch_size, self.data_generator))
+        with self._autocast():
+            loss = self.loss_fn(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm_t, "full_tensor"):  # a DTensor (FSDP2): its value on every rank
+            grad_norm_t = grad_norm_t.full_tensor()
+        # The step's one host sync: the loss and the gradient norm read together, before
+        # the optimizer step, so that the divergence guard can still stop it.
+        loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm_t.float()]).tolist()
+        self._guard(step, loss_value, grad_norm)
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        # No synchronisation for the clock: on a GPU the optimizer step queued here
+        # finishes inside the next step's read, so the median is the steady step time.
+        ms = (time.perf_counter() - t0) * 1e3
+        return loss_value, grad_norm, lr, ms, batch[0].numel()
+
+    def _guard(self, step: int, loss_value: float, grad_norm: float) -> None:
+        """The divergence guard: raise :class:`TrainingDiverged` for a non-finite loss or
+        gradient norm, or a loss above ``blowup_factor`` times the best loss so far."""
+        cfg = self.config
+        if not math.isfinite(loss_value):
+            raise self._diverged(step, loss_value, "the loss is not finite")
+        if cfg.blowup_factor is not None and loss_value > cfg.blowup_factor * self.best_loss:
+            raise self._diverged(step, loss_value,
+                                 f"the loss exceeds {cfg.blowup_factor} x the best loss so far ({self.best_loss:.4f})")
+        if not math.isfinite(grad_norm):
+            raise self._diverged(step, loss_value, "the gradient norm is not finite")
+
+    def _end_step(self, step: int, loss_value: float, grad_norm: float, lr: float, ms: float, tokens_per_step: int,
+                  bar) -> None:
+        """Record a finished step: history, metrics line, validation, progress bar and checkpoint when due."""
+        cfg = self.config
+        self.step = step
+        self.best_loss = min(self.best_loss, loss_value)
+        self.train_losses.append(loss_value)
+        self.step_ms.append(ms)
+        tok_s = tokens_per_step / (ms / 1e3)
+        self._log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_ms": ms,
+                   "tokens_per_s": tok_s})
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            val = self.evaluate()
+            self.val_losses.append((step, val))
+            self._log({"step": step, "val_loss": val})
+        if bar is not None:
+            post = {"loss": f"{loss_value:.4f}", "tok/s": f"{tok_s:,.0f}"}
+            if self.val_losses:
+                post["val"] = f"{self.val_losses[-1][1]:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            self.save_checkpoint()

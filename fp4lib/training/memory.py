@@ -42,23 +42,23 @@ from typing import Dict, List, Optional, Sequence, Union
 from ..numerics.constants import FP32_BITS, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE, SCALE8_BITS
 from .model import MLP_EXPANSION, GPTConfig
 from .recipes import Recipe, get_recipe
+from .run import PRESETS
 from .specs import QuantSpec
 
-__all__ = ["StoredTensor", "KINDS", "PRESET_SHAPES", "bits_per_element", "memory_account", "total_bytes",
-           "bytes_by_kind", "memory_table"]
+__all__ = ["StoredTensor", "KINDS", "PRESET_SHAPES", "stored_bits_per_element", "memory_account",
+           "total_bytes", "bytes_by_kind", "memory_table"]
 
 KINDS = ("weights", "weight copies", "gradients", "optimizer", "activations")
 HP_BITS = 16  # BF16: the high-precision storage of activations and weight copies
 INDEX_BITS = 64  # int64 token ids
 
 PRESET_SHAPES: Dict[str, tuple] = {
-    "ci": (GPTConfig(), 32),
-    "gpu": (GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384), 64),
+    **{name: (PRESETS[name].model, PRESETS[name].train.batch_size) for name in ("ci", "gpu")},
     "7B": (GPTConfig(block_size=2048, vocab_size=50304, n_layer=32, n_head=32, n_embd=4096), 8),
 }
-"""Shape -> (model, sequences per batch): the book's two presets, and a 7B-shaped GPT
-(GPT-3 6.7B's layers, width and context, GPT-2's vocabulary padded to 50304) with
-a micro-batch of 8 sequences."""
+"""Shape -> (model, sequences per batch): the book's two presets (their model and batch in
+:data:`fp4lib.training.run.PRESETS`), and a 7B-shaped GPT (GPT-3 6.7B's layers, width and
+context, GPT-2's vocabulary padded to 50304) with a micro-batch of 8 sequences."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class StoredTensor:
         return self.elements * self.bits / 8
 
 
-def bits_per_element(spec: Optional[QuantSpec], numel: int, hp_bits: int = HP_BITS) -> float:
+def stored_bits_per_element(spec: Optional[QuantSpec], numel: int, hp_bits: int = HP_BITS) -> float:
     """Storage bits per element of a ``numel``-element operand quantized with ``spec``.
 
     E2M1 codes take 4 bits; MXFP4 adds an 8-bit E8M0 scale per 32, NVFP4 an 8-bit
@@ -85,8 +85,10 @@ def bits_per_element(spec: Optional[QuantSpec], numel: int, hp_bits: int = HP_BI
 
     Examples
     --------
-    >>> bits_per_element(QuantSpec("nvfp4"), 1 << 20), bits_per_element(QuantSpec("mxfp4"), 1 << 20)
-    (4.500030517578125, 4.25)
+    >>> stored_bits_per_element(QuantSpec("nvfp4"), 1 << 20)
+    4.500030517578125
+    >>> stored_bits_per_element(QuantSpec("mxfp4"), 1 << 20)
+    4.25
     """
     if spec is None or not spec.enabled:
         return float(hp_bits)
@@ -151,12 +153,14 @@ def memory_account(config: GPTConfig, recipe: Union[str, Recipe], batch_size: in
             else:
                 fprop, dgrad = spec.fprop_w, spec.dgrad_w
                 same = fprop == dgrad and (fprop.tile or fprop.block_size == 0)
-                copies = bits_per_element(fprop, w) + (0 if same else bits_per_element(dgrad, w))
+                copies = stored_bits_per_element(fprop, w) + (0 if same else stored_bits_per_element(dgrad, w))
                 param(f"h.{b}.{name}.weight", w, copies)
             if bias:
                 param(f"h.{b}.{name}.bias", fan_out, HP_BITS)
+        def x_in(width: int) -> float:
+            return stored_bits_per_element(spec.wgrad_x, N * width, act_bits) if spec else act_bits
+
         # Activations saved for the backward pass, op by op.
-        x_in = lambda width: bits_per_element(spec.wgrad_x, N * width, act_bits) if spec else act_bits  # noqa: E731
         act(f"h.{b}.ln_1 input", N * C)
         act(f"h.{b}.ln_1 mean, rstd", 2 * N, FP32_BITS)
         act(f"h.{b}.attn.c_attn input", N * C, x_in(C))
