@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_md import machine, write_section  # noqa: E402
 
 from fp4lib.training.run import PRESETS, build_run  # noqa: E402
-from fp4lib.training.loop import TrainConfig, Trainer  # noqa: E402
+from fp4lib.training.config import TrainConfig  # noqa: E402
+from fp4lib.training.loop import Trainer  # noqa: E402
 
 SECTION = "train_step"
 TARGET = 2.0  # FP4-simulated step within 2x of the baseline on the CPU

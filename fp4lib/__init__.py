@@ -30,7 +30,8 @@ from .training.layers import FP4Linear
 from .training.apply import apply_recipe
 from .training.recipes import RECIPES, Recipe, fp8_recipe, get_recipe, mxfp4_recipe, naive_recipe, nvfp4_recipe
 from .training.model import GPT, GPTConfig
-from .training.loop import Trainer, TrainConfig, TrainingDiverged
+from .training.config import TrainConfig
+from .training.loop import Trainer, TrainingDiverged
 from .training.run import run_training
 
 from ._version import __version__

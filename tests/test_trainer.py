@@ -10,14 +10,12 @@ from fp4lib.training.checkpoint import current_checkpoint
 from fp4lib.training.data import TokenWindows
 from fp4lib.training.model import GPT, GPTConfig
 from fp4lib.training.apply import apply_recipe
+from fp4lib.training.checkpoint import CHECKPOINT_FILE, METRICS_FILE
+from fp4lib.training.config import TrainConfig, lr_at
 from fp4lib.training.loop import (
-    CHECKPOINT_FILE,
-    METRICS_FILE,
-    TrainConfig,
     Trainer,
     TrainingDiverged,
     default_loss,
-    lr_at,
     resolve_device,
 )
 

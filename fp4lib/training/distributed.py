@@ -55,7 +55,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,8 @@ from ..numerics.reference import fp8_fake_quantize
 from ..numerics.schemes import FP8_SCHEMES, scheme_info
 from .operands import mix_seed, tensor_amax_reduction
 from .layers import FP4Linear
-from .loop import TrainConfig, Trainer, default_loss
+from .config import TrainConfig
+from .loop import Trainer, default_loss
 
 __all__ = ["DIST_MODES", "World", "init_world", "RankShare", "DataParallelTrainer", "trainer_factory",
            "rank_seed", "DCP_DIR", "CommLog", "counting_allreduce_hook", "fp8_allreduce_hook",

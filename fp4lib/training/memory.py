@@ -39,7 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..numerics.constants import FP32_BITS, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE, NVFP4_TILE, SCALE8_BITS
+from ..numerics.constants import FP32_BITS, NVFP4_TILE, SCALE8_BITS
+from ..numerics.schemes import scheme_info
 from .model import MLP_EXPANSION, GPTConfig
 from .recipes import Recipe, get_recipe
 from .run import PRESETS
@@ -92,15 +93,14 @@ def stored_bits_per_element(spec: Optional[QuantSpec], numel: int, hp_bits: int 
     """
     if spec is None or not spec.enabled:
         return float(hp_bits)
-    per_tensor = FP32_BITS / numel
-    if spec.scheme == "mxfp4":
-        return 4 + SCALE8_BITS / MX_BLOCK_SIZE
-    if spec.scheme == "nvfp4":
-        block = NVFP4_TILE * NVFP4_TILE if spec.tile else NVFP4_BLOCK_SIZE
-        return 4 + SCALE8_BITS / block + per_tensor
-    if spec.scheme.startswith("fp8"):
-        return 8 + per_tensor
-    return 4 + per_tensor  # one E2M1 scale per tensor
+    info = scheme_info(spec.scheme)
+    bits = float(info.element_bits)
+    if info.block_size:  # one scale per block, or per 16x16 tile
+        scale_bits = FP32_BITS if info.scale_format == "fp32" else SCALE8_BITS
+        bits += scale_bits / (info.block_size * (NVFP4_TILE if spec.tile else 1))
+    if info.tensor_scale:
+        bits += FP32_BITS / numel
+    return bits
 
 
 def _quantized_blocks(recipe: Recipe, n_layer: int) -> List[bool]:

@@ -37,7 +37,8 @@ from .model import GPT, GPTConfig
 from .apply import apply_recipe, quantization_disabled, set_quantization
 from .recipes import Recipe, get_recipe, hp_switch_step
 from .checkpoint import ResumeError, current_checkpoint
-from .loop import TrainConfig, Trainer, TrainResult, default_loss
+from .config import TrainConfig
+from .loop import Trainer, TrainResult, default_loss
 
 __all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training"]
 
@@ -45,7 +46,7 @@ __all__ = ["Preset", "PRESETS", "GPU_RUNTIME_NOTE", "build_run", "run_training"]
 @dataclass(frozen=True)
 class Preset:
     """A named run size: the model (:class:`~fp4lib.training.model.GPTConfig`), the optimisation
-    and bookkeeping settings (:class:`~fp4lib.training.loop.TrainConfig`) and the corpus cut.
+    and bookkeeping settings (:class:`~fp4lib.training.config.TrainConfig`) and the corpus cut.
 
     The defaults of both configs are the book's ``ci`` size; the other presets say
     only where they differ. A run is a recipe, a preset and overrides
@@ -59,7 +60,7 @@ class Preset:
     description: str
 
     def train_config(self, **overrides) -> TrainConfig:
-        """This preset's :class:`~fp4lib.training.loop.TrainConfig` with the overrides that are not ``None``."""
+        """This preset's :class:`~fp4lib.training.config.TrainConfig` with the overrides that are not ``None``."""
         return dataclasses.replace(self.train, **{k: v for k, v in overrides.items() if v is not None})
 
 
