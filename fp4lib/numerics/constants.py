@@ -23,6 +23,8 @@ E4M3_MIN_NORMAL = 2.0**-6  # 0b0_0001_000
 E4M3_MIN_SUBNORMAL = 2.0**-9  # 0b0_0000_001
 NVFP4_4OVER6_SCALE_MAX = 256.0  # 4/6: block scales sized for a maximum of 256, so amax/4 still fits in E4M3
 NVFP4_4OVER6_TARGET = 4.0  # 4/6's second candidate maps the block maximum to 4 instead of 6
+NVFP4_4OVER6_EXPAND = 1.5  # Transformer Engine (2026) makes 4/6's second candidate as the first's ideal scale times 6/4
+E2M1_MAX_RCP = 0.1666666716337204  # 1/6 rounded to float32 (0x3E2AAAAB): Transformer Engine (2026) multiplies by it
 
 # --- E5M2 (OCP 8-bit floating point, IEEE-like: Inf and NaN) -----------------------
 E5M2_MAX = 57344.0  # 0b0_11110_11

@@ -51,7 +51,7 @@ from .scales import (
     nvfp4_tensor_scale,
     pow2,
 )
-from .schemes import SCHEME_INFO, ScaleRule, resolve_scale_rule
+from .schemes import SCHEME_INFO, ScaleRule, resolve_nvfp4_options, resolve_scale_rule
 from .tensor import QuantizedTensor
 
 __all__ = ["quantize_packed", "fake_quantize_fused", "fake_quantize_compiled"]
@@ -149,19 +149,22 @@ def _bnb_packed(a: torch.Tensor, mids: Tuple[float, ...], order: torch.Tensor):
     return _pack_pairs(codes, low_first=False).reshape(-1), absmax, torch.isfinite(absmax).all()
 
 
-def _nvfp4_scales(v: torch.Tensor, amax_b: torch.Tensor, dims, amax: torch.Tensor, rule: str):
+def _nvfp4_scales(v: torch.Tensor, amax_b: torch.Tensor, dims, amax: torch.Tensor, rule: str,
+                  formula: str = "te2025", metric: str = "mse"):
     """NVFP4 ``(s_dec_b, s_enc_b, s_dec)`` of the block view ``v`` under scale ``rule``
-    (``amax_b``: the block maxima, kept as size-1 axes over ``dims``)."""
+    (``amax_b``: the block maxima, kept as size-1 axes over ``dims``; a tile's ``dims``
+    are its rows, then its columns) and ``formula``/``metric`` (see :func:`nvfp4_four_over_six`)."""
     four_six = rule == ScaleRule.FOUR_OVER_SIX
     s_enc, s_dec = nvfp4_tensor_scale(amax, NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
     if four_six:
-        s_dec_b, s_enc_b = nvfp4_four_over_six(v, amax_b, s_enc, s_dec, dims, _round_nearest)
+        s_dec_b, s_enc_b = nvfp4_four_over_six(v, amax_b, s_enc, s_dec, dims, _round_nearest, metric, formula, amax)
     else:
-        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, rule)
+        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, rule, formula=formula)
     return s_dec_b, s_enc_b, s_dec
 
 
-def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool):
+def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool, formula: str = "te2025",
+                 metric: str = "mse"):
     """x: (rows, cols) float32 -> (packed, scale, tensor_scale, clipped blocks, finite)."""
     rows, cols = x.shape
     amax = x.abs().amax()
@@ -186,7 +189,8 @@ def _e2m1_packed(x: torch.Tensor, scheme: str, scale_rule: str, tile: bool):
     else:
         v = x.view(rows, cols // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
         dims = (2,)
-    s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, v.abs().amax(dim=dims, keepdim=True), dims, amax, scale_rule)
+    s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, v.abs().amax(dim=dims, keepdim=True), dims, amax, scale_rule,
+                                            formula, metric)
     scaled = (v * s_enc_b).view(rows, cols)
     s_dec_b = s_dec_b.reshape(rows // NVFP4_TILE, cols // NVFP4_TILE) if tile else s_dec_b.squeeze(-1)
     packed = _pack_pairs(_e2m1_codes(scaled))
@@ -202,8 +206,8 @@ def _verified(name: str) -> VerifiedCompiled:
 
 
 def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_rule: Optional[str] = None,
-                    tile: bool = False, dtype: torch.dtype = torch.float32, compiled: bool = True
-                    ) -> Optional[QuantizedTensor]:
+                    tile: bool = False, dtype: torch.dtype = torch.float32, compiled: bool = True,
+                    formula: Optional[str] = None, metric: Optional[str] = None) -> Optional[QuantizedTensor]:
     """:func:`fp4lib.quantize` with round-to-nearest, as fused passes (compiled, or eagerly
     with ``compiled=False``); the same bits.
 
@@ -212,9 +216,11 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
     when the tensor holds NaN or Inf (the reference then raises its detailed
     error), or when the case is one the kernels do not cover (a tensor with fewer
     than one full bitsandbytes block, or a per-tensor tensor with an odd last axis).
+    ``formula``, ``metric``: NVFP4's arithmetic (:func:`fp4lib.quantize`).
     """
     shape = x32.shape
     scale_rule = resolve_scale_rule(scheme, scale_rule)
+    formula, metric = resolve_nvfp4_options(scheme, formula, metric)
     common = dict(shape=shape, dtype=dtype, scheme=scheme, block_size=block_size, rounding="nearest")
     label = f"compiled quantize ({scheme}, {x32.device.type})"
     family = _FAMILY[scheme]
@@ -245,12 +251,13 @@ def quantize_packed(x32: torch.Tensor, scheme: str, *, block_size: int, scale_ru
     if x32.dim() == 0 or shape[-1] % 2:
         return None
     x2 = x32.reshape(-1, shape[-1])
-    key = ("e2m1", scheme, scale_rule, tile, tuple(x2.shape), x32.device.type)
+    key = ("e2m1", scheme, scale_rule, tile, formula, metric, tuple(x2.shape), x32.device.type)
     kernel = _verified("e2m1")
     if not compiled or (scheme in FLOAT8_SCHEMES and not float8_compiles(x32.device)):
-        packed, scale, tensor_scale, clipped, finite = kernel.fn(x2, scheme, scale_rule, tile)
+        packed, scale, tensor_scale, clipped, finite = kernel.fn(x2, scheme, scale_rule, tile, formula, metric)
     else:
-        packed, scale, tensor_scale, clipped, finite = kernel.call(key, label, x2, scheme, scale_rule, tile)
+        packed, scale, tensor_scale, clipped, finite = kernel.call(key, label, x2, scheme, scale_rule, tile, formula,
+                                                                   metric)
     if not bool(finite):
         return None
     packed = packed.reshape(*shape[:-1], shape[-1] // 2)
@@ -276,7 +283,8 @@ def _operand_blocks(x: torch.Tensor, axis: int, block: int, tile: bool):
     return x.view(rows // block, block, cols), (1,)
 
 
-def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str, tensor_amax=None):
+def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str, tensor_amax=None,
+                  formula: str = "te2025", metric: str = "mse"):
     """Stage 1 (reductions): ``(enc, dec_block, dec_tensor, finite)`` for :func:`_stage_apply`.
 
     Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). FP8: the
@@ -302,7 +310,7 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
     if family == "mx":
         e = mx_scale_exponents(amax_b, scale_rule)
         return pow2(-e), pow2(e), None, finite
-    s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, amax_b, dims, amax, scale_rule)
+    s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, amax_b, dims, amax, scale_rule, formula, metric)
     return s_enc_b, s_dec_b, s_dec, finite
 
 
@@ -346,6 +354,8 @@ def fake_quantize_fused(
     tile: bool = False,
     scale_rule: Optional[str] = None,
     tensor_amax: Optional[torch.Tensor] = None,
+    formula: Optional[str] = None,
+    metric: Optional[str] = None,
     *,
     stages=None,
 ):
@@ -370,6 +380,9 @@ def fake_quantize_fused(
     tensor_amax:
         0-d float32: the amax the per-tensor scale is computed from instead of x's
         own (a group's, under data parallelism; see :func:`fp4lib.quantize`).
+    formula, metric:
+        NVFP4's block-scale arithmetic and four-over-six's error (``None``: the
+        defaults, ``"te2025"`` and ``"mse"``; see :func:`fp4lib.quantize`).
     stages:
         ``(scales_fn, apply_fn)`` to run instead of the two eager stages (the
         compiled ones, see :func:`fake_quantize_compiled`).
@@ -395,8 +408,9 @@ def fake_quantize_fused(
     if x.numel() >= 2**31:
         raise ValueError(f"x has {x.numel()} elements; the fused path indexes them with int32 (< 2**31)")
     scale_rule = resolve_scale_rule(scheme, scale_rule)
+    formula, metric = resolve_nvfp4_options(scheme, formula, metric)
     scales_fn, apply_fn = stages or (_stage_scales, _stage_apply)
-    enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule, tensor_amax)
+    enc, dec_block, dec_tensor, finite = scales_fn(x, scheme, axis, tile, scale_rule, tensor_amax, formula, metric)
     return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
 
 
@@ -412,13 +426,18 @@ class _CompiledFakeQuantize:
         stages = (compile_kernel(_stage_scales, dynamic=False), compile_kernel(_stage_apply, dynamic=False))
         self.kernel = VerifiedCompiled(fake_quantize_fused, functools.partial(fake_quantize_fused, stages=stages))
 
-    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None):
+    def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None, formula=None,
+                 metric=None):
         if scheme in FLOAT8_SCHEMES and not float8_compiles(x.device):  # the fused formulation, eagerly
-            return fake_quantize_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax)
-        key = (scheme, axis, rounding, tile, scale_rule, tensor_amax is not None, tuple(x.shape), x.device.type)
+            return fake_quantize_fused(x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax, formula,
+                                       metric)
+        key = (scheme, axis, rounding, tile, scale_rule, tensor_amax is not None, formula, metric, tuple(x.shape),
+               x.device.type)
         label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
-                 f"scale_rule={scale_rule}, shape {tuple(x.shape)} on {x.device.type})")
-        return self.kernel.call(key, label, x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax)
+                 f"scale_rule={scale_rule}, formula={formula}, metric={metric}, shape {tuple(x.shape)} on "
+                 f"{x.device.type})")
+        return self.kernel.call(key, label, x, seed_t, scheme, axis, rounding, tile, scale_rule, tensor_amax, formula,
+                                metric)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from .kernels import quantize_packed
 from .reference import fp8_fake_quantize, quantize_reference
 from .rounding import check_rounding
 from .schemes import (FP8_SCHEMES, NONFINITE_MODES, SCHEMES, SUPPORTED_DTYPES, Backend, check_backend,
-                      resolve_scale_rule, scheme_info)
+                      resolve_nvfp4_options, resolve_scale_rule, scheme_info)
 from .tensor import QuantizedTensor
 
 __all__ = ["quantize", "fake_quantize", "FAST_MIN_NUMEL", "AUTO_COMPILE_AFTER"]
@@ -142,6 +142,8 @@ def quantize(
     double_quant: bool = False,
     scale_rule: Optional[str] = None,
     tile: bool = False,
+    formula: Optional[str] = None,
+    metric: Optional[str] = None,
     nonfinite: str = "raise",
     backend: str = "auto",
     tensor_amax: Optional[torch.Tensor] = None,
@@ -185,6 +187,16 @@ def quantize(
         :func:`nvfp4_four_over_six`).
     tile:
         NVFP4 only: one scale per 16x16 tile of a 2-D tensor (for weights).
+    formula:
+        NVFP4 only: the float32 operation order of the block scales
+        (:class:`~fp4lib.numerics.schemes.ScaleFormula`). ``None`` or ``"te2025"``
+        (the default): ``(amax_b / 6) * s_enc``; ``"te2026"``: Transformer
+        Engine's current ``amax_b * (s_enc * fl(1/6))``, and its four-over-six
+        arithmetic. About 1-2% of a bf16 tensor's block scales differ by one E4M3 step.
+    metric:
+        NVFP4 four-over-six only: ``None`` or ``"mse"`` (the default, summed squared
+        error) or ``"mae"`` (summed absolute error, Transformer Engine's default);
+        see :func:`~fp4lib.numerics.scales.nvfp4_four_over_six`.
     nonfinite:
         ``"raise"`` (default): NaN/Inf raise ``ValueError`` naming the count and
         first index. ``"zero"``: they are quantized as 0 (counted in
@@ -226,6 +238,7 @@ def quantize(
     if double_quant and info.family != "absmax":
         raise ValueError(f"double_quant applies to 'bnb_fp4' and 'nf4' only, not {scheme!r}")
     scale_rule = resolve_scale_rule(scheme, scale_rule)
+    formula, metric = resolve_nvfp4_options(scheme, formula, metric)
     if tensor_amax is not None and not info.tensor_scale:
         raise ValueError(f"tensor_amax sets a per-tensor scale: it applies to 'nvfp4' and 'e2m1_per_tensor', "
                          f"not {scheme!r}")
@@ -257,13 +270,13 @@ def quantize(
     path = None if tensor_amax is not None else _fast_path(backend, x32, scheme, rounding, double_quant, nonfinite)
     if path is not None:
         q = quantize_packed(x32, scheme, block_size=bs, scale_rule=scale_rule, tile=tile, dtype=x.dtype,
-                            compiled=path == Backend.COMPILED)
+                            compiled=path == Backend.COMPILED, formula=formula, metric=metric)
         if q is not None:  # None: the input holds NaN or Inf, which the reference reports
             return q
     x32, nonfinite_count = _handle_nonfinite(x32, nonfinite)
     return quantize_reference(x32, scheme, block_size=bs, rounding=rounding, generator=generator, uniforms=uniforms,
                               double_quant=double_quant, scale_rule=scale_rule, tile=tile, tensor_amax=tensor_amax,
-                              dtype=x.dtype, nonfinite_count=nonfinite_count)
+                              dtype=x.dtype, nonfinite_count=nonfinite_count, formula=formula, metric=metric)
 
 
 def fake_quantize(x: torch.Tensor, scheme: str, *, axis: int = -1, factored: bool = False, **kwargs):

@@ -13,12 +13,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .constants import BNB_NESTED_BLOCK_SIZE, E2M1_MAX, E4M3_MAX, E8M0_EXP_BIAS, MX_BLOCK_SIZE, NVFP4_4OVER6_SCALE_MAX, NVFP4_BLOCK_SIZE
+from .constants import (BNB_NESTED_BLOCK_SIZE, E2M1_MAX, E4M3_MAX, E8M0_EXP_BIAS, MX_BLOCK_SIZE, NVFP4_4OVER6_SCALE_MAX, NVFP4_BLOCK_SIZE,
+                        NVFP4_TILE)
 from .formats import E2M1, FORMATS, ElementFormat
 from .packing import pack_nibbles
 from .scales import (bnb_scale_blocks, bnb_scale_tail, e2m1_tensor_scale, fp8_tensor_scale, mx_scale_exponents,
                      nvfp4_block_scales, nvfp4_four_over_six, nvfp4_tensor_scale, pow2)
-from .schemes import FP8_SCHEMES, ScaleRule, resolve_scale_rule, scheme_info
+from .schemes import FP8_SCHEMES, ScaleRule, resolve_nvfp4_options, resolve_scale_rule, scheme_info
 from .tensor import NestedAbsmax, QuantizedTensor, block_view, times_blocks
 
 __all__ = ["quantize_reference", "dynamic_map_8bit", "nested_quantize", "fp8_fake_quantize"]
@@ -131,16 +132,23 @@ def _e2m1_nearest(v: torch.Tensor) -> torch.Tensor:
     return E2M1.decode(E2M1.encode(v))
 
 
-def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool, scale_rule: str, amax):
+def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bool, scale_rule: str, amax,
+                 formula: str = "te2025", metric: str = "mse"):
     four_six = scale_rule == ScaleRule.FOUR_OVER_SIX
     s_enc, s_dec = nvfp4_tensor_scale(amax, NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
     blocks = block_view(x32, NVFP4_BLOCK_SIZE, tile)
     amax_b = blocks.abs().amax(dim=-1)
-    if four_six:
-        s_dec_b, s_enc_b = nvfp4_four_over_six(blocks, amax_b.unsqueeze(-1), s_enc, s_dec, -1, _e2m1_nearest)
+    if four_six and formula == "te2026" and tile:  # the tile's rows and columns, for Transformer Engine's sum order
+        rows = blocks.reshape(*blocks.shape[:-1], NVFP4_TILE, NVFP4_TILE)
+        s_dec_b, s_enc_b = nvfp4_four_over_six(rows, amax_b[..., None, None], s_enc, s_dec, (-2, -1), _e2m1_nearest,
+                                               metric, formula, amax)
+        s_dec_b, s_enc_b = s_dec_b[..., 0, 0], s_enc_b[..., 0, 0]
+    elif four_six:
+        s_dec_b, s_enc_b = nvfp4_four_over_six(blocks, amax_b.unsqueeze(-1), s_enc, s_dec, -1, _e2m1_nearest,
+                                               metric, formula, amax)
         s_dec_b, s_enc_b = s_dec_b.squeeze(-1), s_enc_b.squeeze(-1)
     else:
-        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, scale_rule)
+        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, scale_rule, formula=formula)
     codes = E2M1.encode(times_blocks(x32, s_enc_b, NVFP4_BLOCK_SIZE, tile), rounding, generator, uniforms)
     return codes, s_dec_b.to(torch.float8_e4m3fn), s_dec
 
@@ -174,8 +182,9 @@ def _mx_quantize(x32, info, block_size, rounding, generator, uniforms, double_qu
     return QuantizedTensor(packed=pack_nibbles(codes, info.nibble_order), scale=scale, clip_fraction=clip, **common)
 
 
-def _nv_quantize(x32, info, block_size, rounding, generator, uniforms, double_quant, scale_rule, tile, amax, common):
-    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile, scale_rule, amax)
+def _nv_quantize(x32, info, block_size, rounding, generator, uniforms, double_quant, scale_rule, tile, amax, common,
+                 formula="te2025", metric="mse"):
+    codes, s_dec_b, s_dec = _nvfp4_codes(x32, rounding, generator, uniforms, tile, scale_rule, amax, formula, metric)
     return QuantizedTensor(packed=pack_nibbles(codes, info.nibble_order), scale=s_dec_b, global_scale=s_dec, tile=tile,
                            **common)
 
@@ -187,11 +196,13 @@ def quantize_reference(x32: torch.Tensor, scheme: str, *, block_size: int, round
                        generator: Optional[torch.Generator] = None, uniforms: Optional[torch.Tensor] = None,
                        double_quant: bool = False, scale_rule: Optional[str] = None, tile: bool = False,
                        tensor_amax: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-                       nonfinite_count: int = 0) -> QuantizedTensor:
+                       nonfinite_count: int = 0, formula: Optional[str] = None, metric: Optional[str] = None
+                       ) -> QuantizedTensor:
     """:func:`fp4lib.quantize` on a checked input: contiguous, finite float32 ``x32``.
 
     The arguments are :func:`fp4lib.quantize`'s, already validated there
-    (``block_size`` resolved; ``scale_rule`` ``None`` means the standard rule); ``dtype`` is
+    (``block_size`` resolved; ``scale_rule`` ``None`` means the standard rule; ``formula``
+    and ``metric``, NVFP4's arithmetic, ``None`` for the defaults); ``dtype`` is
     the original tensor's (default float32) and ``nonfinite_count`` the number of
     NaN/Inf inputs already replaced by 0. The scheme's record picks the quantizer.
 
@@ -205,6 +216,8 @@ def quantize_reference(x32: torch.Tensor, scheme: str, *, block_size: int, round
     scale_rule = resolve_scale_rule(scheme, scale_rule)
     common = dict(shape=x32.shape, dtype=dtype or x32.dtype, scheme=scheme, block_size=block_size, rounding=rounding,
                   nonfinite_count=nonfinite_count)
+    formula, metric = resolve_nvfp4_options(scheme, formula, metric)
     amax = (x32.abs().max() if tensor_amax is None else tensor_amax) if info.tensor_scale else None
+    extra = dict(formula=formula, metric=metric) if info.family == "nv" else {}
     return _BY_FAMILY[info.family](x32, info, block_size, rounding, generator, uniforms, double_quant, scale_rule,
-                                   tile, amax, common)
+                                   tile, amax, common, **extra)

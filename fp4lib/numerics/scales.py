@@ -10,7 +10,7 @@ would multiply by its reciprocal instead.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,7 @@ from .constants import (
     BNB_ABSMAX_FLOOR,
     E2M1_EMAX,
     E2M1_MAX,
+    E2M1_MAX_RCP,
     E4M3_MAX,
     E8M0_EXP_BIAS,
     E8M0_MAX_EXP,
@@ -26,6 +27,8 @@ from .constants import (
     FLOAT32_EXP_BIAS,
     FLOAT32_MAN_BITS,
     FLOAT32_MAX,
+    NVFP4_4OVER6_EXPAND,
+    NVFP4_4OVER6_SCALE_MAX,
     NVFP4_4OVER6_TARGET,
 )
 from .schemes import FP8_SCHEMES, scheme_info
@@ -162,7 +165,12 @@ def nvfp4_tensor_scale(amax: torch.Tensor, scale_max: float = E4M3_MAX) -> Tuple
     """NVFP4 per-tensor scales ``(s_enc, s_dec)`` in float32.
 
     ``s_enc = 6 * scale_max / amax`` (1 when amax is 0, capped at the float32
-    maximum), ``s_dec = 1 / s_enc``. ``scale_max`` is the largest block scale the
+    maximum), ``s_dec = 1 / s_enc``: a true float32 division of the exact product
+    ``6 * scale_max`` (2688, or 1536), as Transformer Engine's kernels compute it in
+    2025 and 2026 alike, so there is no :class:`~fp4lib.numerics.schemes.ScaleFormula`
+    choice here. (Transformer Engine's pure-PyTorch reference gives ``s_enc`` the
+    float32 maximum instead of 1 for an all-zero tensor; its kernels give 1. Every
+    code and block scale of such a tensor is 0 either way.) ``scale_max`` is the largest block scale the
     tensor may need: E4M3's 448, or 256 under four-over-six, whose second
     candidate scale ``amax_b / 4`` would otherwise overflow E4M3.
 
@@ -190,19 +198,14 @@ def e4m3_round_up(v: torch.Tensor) -> torch.Tensor:
     return torch.where((below < v) & (below < E4M3_MAX), above, below)
 
 
-def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, rule: str = "nearest",
-                       target: float = E2M1_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 block scales ``(s_dec_b, s_enc_b)`` from block amax values and the tensor's scales.
+def _formula(formula: str) -> str:
+    if formula not in ("te2025", "te2026"):
+        raise ValueError(f"formula must be one of ('te2025', 'te2026'), got {formula!r}")
+    return str(formula)
 
-    ``s_dec_b = e4m3((amax_b / target) * s_enc)``, returned as float32 values of
-    E4M3 numbers: rounded to nearest even and saturating at 448 (``rule="nearest"``,
-    the standard), or rounded up (``rule="up"``), so that no block maximum lands
-    above ``target`` and stochastic rounding never has to clamp it. ``target`` is
-    the E2M1 value the block maximum maps to: 6, or 4 for four-over-six's second
-    candidate. ``s_enc_b = 1 / (s_dec_b * s_dec)``, or 0 for a block whose scale
-    rounds to 0 (it can only hold zeros).
-    """
-    ideal = (amax_b / exact_constant(amax_b, target)) * s_enc
+
+def _e4m3_scales(ideal: torch.Tensor, s_dec: torch.Tensor, rule: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(s_dec_b, s_enc_b)`` from float32 ideal block scales: E4M3 rounding under ``rule``, then the encode scale."""
     if rule == "up":
         s_dec_b = e4m3_round_up(ideal)
     else:
@@ -212,31 +215,127 @@ def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.T
     return s_dec_b, s_enc_b
 
 
+def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor, rule: str = "nearest",
+                       target: float = E2M1_MAX, formula: str = "te2025") -> Tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 block scales ``(s_dec_b, s_enc_b)`` from block amax values and the tensor's scales.
+
+    ``s_dec_b = e4m3(ideal)``, returned as float32 values of E4M3 numbers: rounded
+    to nearest even and saturating at 448 (``rule="nearest"``, the standard), or
+    rounded up (``rule="up"``), so that no block maximum lands above ``target`` and
+    stochastic rounding never has to clamp it. ``target`` is the E2M1 value the
+    block maximum maps to: 6, or 4 for four-over-six's second candidate.
+
+    The ideal scale depends on ``formula`` (:class:`~fp4lib.numerics.schemes.ScaleFormula`),
+    all in float32:
+
+    * ``"te2025"`` (default): ``(amax_b / target) * s_enc``, a true division
+      (Transformer Engine's order until 2025);
+    * ``"te2026"``: ``amax_b * (s_enc * fl(1/6))`` with ``fl(1/6)`` the float32
+      0x3E2AAAAB, multiplied (Transformer Engine's 2026 kernels and reference), then
+      capped at 448 before the cast; ``target`` must be 6 (four-over-six's
+      candidates are made in :func:`nvfp4_four_over_six`).
+
+    The two differ in the last bit of about a third of ideal scales, which moves the
+    1-2% of block scales lying near an E4M3 rounding midpoint to the neighbouring
+    E4M3 number: with a tensor amax of 4.375 and a block maximum of 1.640625,
+    ``"te2025"`` gives exactly 168, the midpoint of 160 and 176, which rounds to
+    even, 160; ``"te2026"`` gives 168.00002, which rounds to 176.
+
+    ``s_enc_b = 1 / (s_dec_b * s_dec)``, or 0 for a block whose scale rounds to 0
+    (it holds only magnitudes below about 2e-6 of the tensor's amax, and decodes to
+    zeros). Transformer Engine gives such a block the float32 maximum as its encode
+    scale instead, so its nonzero elements saturate to the codes of +-6 (7 and 15)
+    and its zeros get code 0; fp4lib's elements become +-0, codes 0 for positive
+    and 8 for negative ones (and for -0.0). Both decode every element of the block
+    to zero, and the choice between four-over-six's candidates is unaffected.
+    """
+    if _formula(formula) == "te2026":
+        if target != E2M1_MAX:
+            raise ValueError("formula='te2026' makes four-over-six's candidates in nvfp4_four_over_six; target must be 6")
+        ideal = amax_b * (s_enc * exact_constant(s_enc, E2M1_MAX_RCP))
+        ideal = ideal.clamp(max=E4M3_MAX)
+    else:
+        ideal = (amax_b / exact_constant(amax_b, target)) * s_enc
+    return _e4m3_scales(ideal, s_dec, rule)
+
+
+def _te_sum(e: torch.Tensor, dims) -> torch.Tensor:
+    """Transformer Engine's float32 order for a block's error sum, keeping the block axes as size 1:
+    one element after another along the block (the last of two axes for a 16x16 tile), then a
+    tile's 16 row sums pairwise (rows i and i + 8, then i + 4, i + 2, i + 1)."""
+    dims = sorted(d % e.dim() for d in ((dims,) if isinstance(dims, int) else dims))
+    along = dims[-1]
+    acc = e.narrow(along, 0, 1)
+    for i in range(1, e.shape[along]):
+        acc = acc + e.narrow(along, i, 1)
+    if len(dims) == 2:
+        rows = dims[0]
+        n = acc.shape[rows]
+        while n > 1:
+            n //= 2
+            acc = acc.narrow(rows, 0, n) + acc.narrow(rows, n, n)
+    return acc
+
+
 def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor,
-                        dims, round_nearest: Callable[[torch.Tensor], torch.Tensor]
+                        dims, round_nearest: Callable[[torch.Tensor], torch.Tensor], metric: str = "mse",
+                        formula: str = "te2025", amax: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Four-over-six block scales ``(s_dec_b, s_enc_b)`` (Cook et al. 2025, arXiv 2512.02010).
 
     Each block gets one of two scales: the standard one, which maps its maximum to
-    6, or one that maps it to 4, whichever gives the smaller squared error after
-    round-to-nearest. Near 6 the E2M1 grid steps by 2; mapping the maximum to 4
-    trades range for the finer steps below 4. ``blocks``: the tensor's blocks in
-    float32, ``amax_b`` their maxima broadcastable against them, ``dims`` the
-    block axes, ``round_nearest`` E2M1 round-to-nearest-even on values. The
-    tensor's scales must come from ``nvfp4_tensor_scale(amax, 256)`` so that both
-    candidates fit E4M3.
+    6, or one that maps it to 4, whichever gives the smaller error after
+    round-to-nearest: the summed squared error (``metric="mse"``, the default and
+    the four-over-six authors') or the summed absolute error (``"mae"``,
+    Transformer Engine's default). Near 6 the E2M1 grid steps by 2; mapping the
+    maximum to 4 trades range for the finer steps below 4. ``blocks``: the tensor's
+    blocks in float32, ``amax_b`` their maxima broadcastable against them, ``dims``
+    the block axes (two for a 16x16 tile: its rows, then its columns),
+    ``round_nearest`` E2M1 round-to-nearest-even on values. The tensor's scales
+    must come from ``nvfp4_tensor_scale(amax, 256)`` so that both candidates fit
+    E4M3. A tie, or a NaN error, keeps 6.
 
-    The error of a candidate with block scale ``S`` is summed in float64 over the
-    block from ``q * S - x * s_enc``, where ``q * S`` is exact (an E2M1 value times
-    an E4M3 one): every term is computed exactly alike on every path. A tie keeps 6.
+    ``formula="te2025"`` (default): the candidates are ``(amax_b / 6) * s_enc``
+    and ``(amax_b / 4) * s_enc`` (the authors' formulas), and a candidate's error
+    with block scale ``S`` is summed in float64 over the block from
+    ``q * S - x * s_enc``, where ``q * S`` is exact (an E2M1 value times an E4M3
+    one): every term is computed exactly alike on every path, and no block of
+    finite float32 values overflows or underflows it.
+
+    ``formula="te2026"``: Transformer Engine's arithmetic, which ``amax`` (the
+    tensor's amax, from which ``s_enc`` was computed) is needed for. The candidates
+    are ``base = (amax_b / 6) * s_enc`` and ``base * 1.5``, each capped at 448 and
+    cast to E4M3; a candidate's error is computed in the input's domain,
+    ``((q * S) * amax) / 1536 - x``, squared or absolute in float32, and summed in
+    float32 in Transformer Engine's order (see :func:`_te_sum`). Those float32 sums
+    are what Transformer Engine's and the authors' selections compare, so they share
+    their limits: under MSE an element's squared error overflows float32 to inf
+    once the error passes about 1.8e19 and underflows to 0 below about 2.6e-23
+    (errors are a fraction of the block's magnitudes), so a block of very large or
+    very small values can tie at inf or at 0 and keep 6 where the exact comparison
+    would pick 4; the ``"te2025"`` float64 sum has no such limit for float32 inputs.
     """
-    y = blocks * s_enc
-    candidates = (nvfp4_block_scales(amax_b, s_enc, s_dec),
-                  nvfp4_block_scales(amax_b, s_enc, s_dec, target=NVFP4_4OVER6_TARGET))
-    errors = []
-    for s_dec_b, s_enc_b in candidates:
-        e = round_nearest(blocks * s_enc_b) * s_dec_b - y
-        errors.append(e.double().square().sum(dim=dims, keepdim=True))
+    if metric not in ("mse", "mae"):
+        raise ValueError(f"metric must be one of ('mse', 'mae'), got {metric!r}")
+    if _formula(formula) == "te2026":
+        if amax is None:
+            raise ValueError("formula='te2026' computes four-over-six's errors from the tensor's amax; pass amax")
+        base = (amax_b / exact_constant(amax_b, E2M1_MAX)) * s_enc
+        candidates = (_e4m3_scales(base.clamp(max=E4M3_MAX), s_dec, "nearest"),
+                      _e4m3_scales((base * NVFP4_4OVER6_EXPAND).clamp(max=E4M3_MAX), s_dec, "nearest"))
+        denom = exact_constant(blocks, E2M1_MAX * NVFP4_4OVER6_SCALE_MAX)
+        errors = []
+        for s_dec_b, s_enc_b in candidates:
+            d = ((round_nearest(blocks * s_enc_b) * s_dec_b) * amax) / denom - blocks
+            errors.append(_te_sum(d * d if metric == "mse" else d.abs(), dims))
+    else:
+        y = blocks * s_enc
+        candidates = (nvfp4_block_scales(amax_b, s_enc, s_dec),
+                      nvfp4_block_scales(amax_b, s_enc, s_dec, target=NVFP4_4OVER6_TARGET))
+        errors = []
+        for s_dec_b, s_enc_b in candidates:
+            e = (round_nearest(blocks * s_enc_b) * s_dec_b - y).double()
+            errors.append((e.square() if metric == "mse" else e.abs()).sum(dim=dims, keepdim=True))
     use4 = errors[1] < errors[0]
     (d6, e6), (d4, e4) = candidates
     return torch.where(use4, d4, d6), torch.where(use4, e4, e6)

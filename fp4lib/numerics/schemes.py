@@ -37,7 +37,8 @@ from .constants import (
 )
 
 __all__ = ["ScaleRule", "Backend", "Scheme", "SCHEME_INFO", "scheme_info", "SCHEMES", "FP8_SCHEMES", "PER_TENSOR",
-           "OPERAND_SCHEMES", "NONFINITE_MODES", "SUPPORTED_DTYPES", "ROUNDING_MODES", "HADAMARD_SIZES", "resolve_scale_rule", "check_backend"]
+           "OPERAND_SCHEMES", "NONFINITE_MODES", "SUPPORTED_DTYPES", "ROUNDING_MODES", "HADAMARD_SIZES", "resolve_scale_rule", "check_backend",
+           "ScaleFormula", "ErrorMetric", "resolve_nvfp4_options"]
 
 
 class _Name(str, enum.Enum):
@@ -55,6 +56,36 @@ class ScaleRule(_Name):
     NEAREST = "nearest"  # NVFP4: amax / 6 * s_enc rounded to the nearest E4M3 number
     UP = "up"  # NVFP4: ... rounded up, so no element exceeds 6 (stochastic rounding stays unbiased)
     FOUR_OVER_SIX = "4over6"  # NVFP4: per block, the maximum mapped to 6 or to 4, whichever errs less
+
+
+class ScaleFormula(_Name):
+    """The float32 operation order of NVFP4's block-scale arithmetic, named after the Transformer Engine
+    release whose reference quantizer computes it (a later change of order gets a new name, not a new meaning).
+
+    ``TE2025`` (fp4lib's default): the ideal block scale is ``(amax_b / 6) * s_enc``, a true
+    division then a product; four-over-six's second candidate is ``(amax_b / 4) * s_enc`` (the
+    four-over-six authors' formula; Transformer Engine had no four-over-six in 2025), and its
+    errors are summed in float64 in the scaled domain. ``TE2026``: Transformer Engine's 2026
+    reference and kernels: the ideal block scale is ``amax_b * (s_enc * fl(1/6))``, where
+    ``fl(1/6)`` is 1/6 rounded to float32 and multiplied (Transformer Engine's own arithmetic,
+    not a replaced division); four-over-six's candidates are ``(amax_b / 6) * s_enc`` and that
+    value times 1.5, each capped at 448 before the E4M3 cast, and its errors are computed in the
+    input's domain and summed in float32 in Transformer Engine's order. The two orders put about
+    1-2% of a bf16 tensor's block scales on neighbouring E4M3 numbers. The per-tensor scales
+    ``s_enc = 6 * scale_max / amax`` and ``s_dec = 1 / s_enc`` are the same under both.
+    """
+
+    TE2025 = "te2025"
+    TE2026 = "te2026"
+
+
+class ErrorMetric(_Name):
+    """How four-over-six compares its two candidate scales for a block: summed squared error
+    (``MSE``, fp4lib's default and the four-over-six authors') or summed absolute error (``MAE``,
+    Transformer Engine's default)."""
+
+    MSE = "mse"
+    MAE = "mae"
 
 
 class Backend(_Name):
@@ -225,6 +256,34 @@ def resolve_scale_rule(scheme: str, scale_rule: Optional[str]) -> Optional[str]:
     if scale_rule not in rules:
         raise ValueError(f"{scheme} scale_rule must be one of {tuple(r.value for r in rules)}, got {scale_rule!r}")
     return ScaleRule(scale_rule).value
+
+
+def resolve_nvfp4_options(scheme: str, formula: Optional[str], metric: Optional[str]) -> Tuple[str, str]:
+    """``(formula, metric)`` checked for ``scheme``; ``None`` means the default (``"te2025"``, ``"mse"``).
+
+    Only NVFP4 has a choice: any other scheme accepts only ``None`` or the defaults.
+
+    Examples
+    --------
+    >>> resolve_nvfp4_options("nvfp4", "te2026", None), resolve_nvfp4_options("mxfp4", None, None)
+    (('te2026', 'mse'), ('te2025', 'mse'))
+    >>> resolve_nvfp4_options("nvfp4", "te2027", None)
+    Traceback (most recent call last):
+    ...
+    ValueError: formula must be one of ('te2025', 'te2026'), got 'te2027'
+    """
+    if formula is None:
+        formula = ScaleFormula.TE2025
+    if metric is None:
+        metric = ErrorMetric.MSE
+    if formula not in tuple(ScaleFormula):
+        raise ValueError(f"formula must be one of {tuple(f.value for f in ScaleFormula)}, got {formula!r}")
+    if metric not in tuple(ErrorMetric):
+        raise ValueError(f"metric must be one of {tuple(m.value for m in ErrorMetric)}, got {metric!r}")
+    formula, metric = ScaleFormula(formula).value, ErrorMetric(metric).value
+    if scheme_info(scheme).family != "nv" and (formula, metric) != ("te2025", "mse"):
+        raise ValueError(f"formula and metric apply to 'nvfp4' only, not {scheme!r}")
+    return formula, metric
 
 
 def check_backend(backend: str, allowed: Tuple[Backend, ...] = tuple(Backend)) -> Backend:

@@ -32,7 +32,9 @@ quantize; the ``*_all_fp4`` presets quantize every block.
 * ``mxfp4`` -- MXFP4 (E2M1 + E8M0 scale per 32) on all three GEMMs; forward
   round-to-nearest (OCP scale rule); backward (Dgrad and Wgrad) stochastic
   rounding, a random Hadamard transform of size 32 along the reduction axis, and
-  the non-clipping scale rule (Tseng et al. 2025; Castro et al., Quartet, 2025).
+  the non-clipping ``ceil`` scale rule: fp4lib's power-of-two way of never clipping,
+  which the papers do otherwise (Tseng et al. 2025 scale by 3/4 before stochastic
+  rounding; Quartet, Castro et al. 2025, puts a 4/3 factor, not an E8M0 value, in its scale).
 * ``fp4_naive`` -- E2M1 with one absmax scale per tensor, round-to-nearest, on all
   three GEMMs.
 * ``nvfp4_all_fp4``, ``mxfp4_all_fp4``, ``fp4_naive_all_fp4`` -- the same with every
