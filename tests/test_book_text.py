@@ -31,6 +31,9 @@ LINKED_TERMS = {
     "Quartet": r"\bQuartet\b",
     "binade": r"\bbinades?\b",
     "backend": r"\b(fused|auto)[\"”]? backends?\b|\bbackends?\b",
+    "epilogue": r"\bepilogues?\b",
+    "ulp": r"\bulps?\b",
+    "tiny preset": r"\btiny\b[\"”]? preset|\bpreset [\"“]?tiny\b",
 }
 _TERM_ROLE = re.compile(r"\{term\}`([^`<]*?)\s*(?:<([^>]+)>)?`")
 

@@ -2,7 +2,10 @@
 
 Every chapter calls :func:`use_book_style` once and then draws with plain
 matplotlib; formats always get the same colour (:data:`FORMAT_COLORS`), so a
-reader can follow NVFP4 from chapter to chapter by colour alone. Chapter 0
+reader can follow NVFP4 from chapter to chapter by colour alone. Training
+recipes get one style each (:data:`RECIPE_STYLES`: colour, line style and
+marker), the same in every figure; the high-precision baseline ``bf16`` is drawn
+black, thicker and on top of the others (:func:`recipe_style`). Chapter 0
 introduces the style.
 
 :class:`Table` shows rows of numbers as an HTML table in the rendered book and in
@@ -14,12 +17,26 @@ from __future__ import annotations
 
 import html
 import numbers
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 import matplotlib as mpl
 from cycler import cycler
 
-__all__ = ["BOOK_COLORS", "FORMAT_COLORS", "FORMAT_LABELS", "BOOK_RC", "use_book_style", "format_color", "Table"]
+__all__ = [
+    "BOOK_COLORS",
+    "FORMAT_COLORS",
+    "FORMAT_LABELS",
+    "BOOK_RC",
+    "BASELINE_RECIPE",
+    "RecipeStyle",
+    "RECIPE_STYLES",
+    "use_book_style",
+    "format_color",
+    "recipe_color",
+    "recipe_style",
+    "recipe_zorder",
+    "Table",
+]
 
 # Okabe-Ito colours: distinguishable with the common forms of colour blindness.
 BOOK_COLORS: Dict[str, str] = {
@@ -55,6 +72,47 @@ FORMAT_LABELS: Dict[str, str] = {
     "mxfp4": "MXFP4 (E2M1 + E8M0 / 32)",
     "nvfp4": "NVFP4 (E2M1 + E4M3 / 16 + FP32)",
 }
+
+
+class RecipeStyle(NamedTuple):
+    """How one training recipe is drawn: an Okabe-Ito colour, a line style and a marker."""
+
+    color: str
+    linestyle: str
+    marker: str
+
+
+#: The recipe every other one is compared with: drawn black, thicker and on top.
+BASELINE_RECIPE = "bf16"
+
+#: The style of every recipe in :data:`fp4lib.training.recipes.RECIPES`, used in every
+#: figure of the book. The main recipes take their format's colour with solid lines,
+#: their ``*_all_fp4`` variants the same colour dashed; the nine ``nvfp4`` ablations
+#: share three colours that no main recipe uses, told apart by line style. No two
+#: recipes share a colour and a line style, and every recipe has its own marker, so
+#: that the figures stay readable in grey and with the common forms of colour blindness.
+RECIPE_STYLES: Dict[str, RecipeStyle] = {
+    "bf16": RecipeStyle(BOOK_COLORS["black"], "-", "o"),
+    "fp8": RecipeStyle(BOOK_COLORS["green"], "-", "D"),
+    "nvfp4": RecipeStyle(FORMAT_COLORS["nvfp4"], "-", "s"),
+    "mxfp4": RecipeStyle(FORMAT_COLORS["mxfp4"], "-", "^"),
+    "fp4_naive": RecipeStyle(FORMAT_COLORS["e2m1"], "-", "v"),
+    "nvfp4_all_fp4": RecipeStyle(FORMAT_COLORS["nvfp4"], "--", "P"),
+    "mxfp4_all_fp4": RecipeStyle(FORMAT_COLORS["mxfp4"], "--", "X"),
+    "fp4_naive_all_fp4": RecipeStyle(FORMAT_COLORS["e2m1"], "--", "d"),
+    "nvfp4_no_sr": RecipeStyle(BOOK_COLORS["sky"], "-", "<"),
+    "nvfp4_no_rht": RecipeStyle(BOOK_COLORS["grey"], "-", ">"),
+    "nvfp4_no_tiles": RecipeStyle(BOOK_COLORS["vermillion"], "-", "p"),
+    "nvfp4_fwd_only": RecipeStyle(BOOK_COLORS["sky"], "--", "h"),
+    "nvfp4_bwd_only": RecipeStyle(BOOK_COLORS["grey"], "--", "H"),
+    "nvfp4_unbiased_sr": RecipeStyle(BOOK_COLORS["vermillion"], "--", "*"),
+    "nvfp4_hp_final": RecipeStyle(BOOK_COLORS["sky"], ":", "8"),
+    "nvfp4_hp_eval": RecipeStyle(BOOK_COLORS["vermillion"], ":", "x"),
+    "nvfp4_4over6": RecipeStyle(BOOK_COLORS["grey"], ":", "+"),
+}
+
+_BASELINE_LINEWIDTH = 2.4
+_BASELINE_ZORDER = 3  # above matplotlib's default of 2 for lines, patches and collections
 
 #: The rcParams :func:`use_book_style` applies.
 BOOK_RC: Dict[str, object] = {
@@ -114,6 +172,60 @@ def format_color(name: str) -> str:
         return FORMAT_COLORS[name]
     except KeyError:
         raise ValueError(f"name must be one of {tuple(FORMAT_COLORS)}, got {name!r}") from None
+
+
+def _recipe(name: str) -> RecipeStyle:
+    try:
+        return RECIPE_STYLES[name]
+    except KeyError:
+        raise ValueError(f"name must be one of {tuple(RECIPE_STYLES)}, got {name!r}") from None
+
+
+def recipe_color(name: str) -> str:
+    """The book's colour for a recipe such as ``"nvfp4_no_sr"`` (hex string).
+
+    Examples
+    --------
+    >>> recipe_color("nvfp4") == format_color("nvfp4")
+    True
+    >>> recipe_color("bf16")
+    '#000000'
+    """
+    return _recipe(name).color
+
+
+def recipe_zorder(name: str) -> float:
+    """The drawing order of a recipe's artists: the baseline above every other recipe.
+
+    Examples
+    --------
+    >>> recipe_zorder("bf16") > recipe_zorder("fp8")
+    True
+    """
+    _recipe(name)
+    return _BASELINE_ZORDER if name == BASELINE_RECIPE else 2
+
+
+def recipe_style(name: str, marker: bool = True) -> Dict[str, object]:
+    """Keyword arguments for ``Axes.plot`` that draw recipe ``name`` in the book's style.
+
+    Colour, line style, marker (``marker=False`` leaves it out) and z-order; the
+    baseline (:data:`BASELINE_RECIPE`) also gets a thicker line.
+
+    Examples
+    --------
+    >>> recipe_style("bf16")["zorder"], recipe_style("bf16")["linewidth"]
+    (3, 2.4)
+    >>> sorted(recipe_style("nvfp4_no_sr", marker=False))
+    ['color', 'linestyle', 'zorder']
+    """
+    style = _recipe(name)
+    kwargs: Dict[str, object] = {"color": style.color, "linestyle": style.linestyle, "zorder": recipe_zorder(name)}
+    if marker:
+        kwargs["marker"] = style.marker
+    if name == BASELINE_RECIPE:
+        kwargs["linewidth"] = _BASELINE_LINEWIDTH
+    return kwargs
 
 
 class Table:

@@ -73,7 +73,7 @@ PRESETS = {
                   corpus_bytes=None, description="about 10x the ci size, for Colab or one GPU: 10.8M parameters"),
     "tiny": Preset("tiny", GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
                    TrainConfig(batch_size=8, warmup_steps=5, steps=50, eval_every=10, eval_batches=2, ckpt_every=10),
-                   corpus_bytes=256 * 1024, description="tests and smoke runs: 27k parameters"),
+                   corpus_bytes=256 * 1024, description="tests and smoke runs: 34k parameters"),
 }
 
 GPU_RUNTIME_NOTE = (
