@@ -76,10 +76,14 @@ from .check import TOLERANCE_FACTOR, compare_losses, load_results, rerun_verdict
 from .definition import REPRO_RUN, STUDY, Run  # noqa: E402
 from .provenance import CODE_FILES, code_hash, machine_info, numeric_fingerprint  # noqa: E402
 from .runner import run_experiment  # noqa: E402
-from .stats import (INGREDIENT_STUDIES, Paired, Target, check_targets, paired_difference, paired_gap,  # noqa: E402
-                    recipe_losses, seeds_needed, summary, t_quantile, val_gap_curve)
+from .stats import (INGREDIENT_STUDIES, Paired, Ratio, holm, paired_difference, paired_gap,  # noqa: E402
+                    ratio_of_means, recipe_losses, seeds_needed, summary, t_cdf, t_quantile, tost, val_gap_curve)
+from .verdicts import (ALPHA, FP8_MARGIN, Comparison, Target, check_targets, closed_share, direction,  # noqa: E402
+                       format_p, gap_before_switch, size_check, study_comparisons)
 
 __all__ = ["DEFAULT_RESULTS", "DEFAULT_RUNS", "Run", "STUDY", "REPRO_RUN", "CODE_FILES", "code_hash",
            "numeric_fingerprint", "machine_info", "run_experiment", "load_results", "stale_results",
            "compare_losses", "tolerance_band", "rerun_verdict", "TOLERANCE_FACTOR", "summary", "val_gap_curve", "check_targets", "Target", "INGREDIENT_STUDIES", "recipe_losses", "paired_gap", "Paired",
-           "paired_difference", "seeds_needed", "t_quantile"]
+           "paired_difference", "seeds_needed", "t_quantile", "t_cdf", "holm", "tost", "Ratio", "ratio_of_means",
+           "ALPHA", "FP8_MARGIN", "Comparison", "study_comparisons", "closed_share", "gap_before_switch", "format_p",
+           "direction", "size_check"]

@@ -1,6 +1,8 @@
 """Statistics of the stored study: per-recipe summaries, paired differences with
-t-distribution intervals, verdicts that need the interval to exclude zero, a power
-estimate, and gap curves."""
+t-distribution intervals and p-values, Holm's step-down adjustment, equivalence tests
+(two one-sided tests), intervals of ratios of paired means (delta method), a power
+estimate for a given effect, and gap curves. Pure Python; the verdicts built from
+these live in :mod:`fp4lib.study.verdicts`."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["summary", "val_gap_curve", "check_targets", "Target", "INGREDIENT_STUDIES", "recipe_losses", "paired_gap",
-           "t_quantile", "Paired", "paired_difference", "seeds_needed"]
+__all__ = ["summary", "val_gap_curve", "INGREDIENT_STUDIES", "CONTROLS", "recipe_losses", "paired_gap", "t_cdf",
+           "t_quantile", "Paired", "paired_difference", "seeds_needed", "holm", "tost", "Ratio", "ratio_of_means"]
 
 
 def _by_recipe(results: Dict[str, dict], study: str, steps: Optional[int] = None) -> Dict[str, Dict[int, float]]:
@@ -89,83 +91,22 @@ def paired_gap(results: Dict[str, dict], recipe: str, reference: str,
     return paired_difference([100.0 * (a[s] / b[s] - 1.0) for s in seeds])
 
 
-@dataclass
-class Target:
-    """One of the study's targets: whether it is met (``None``: the runs are missing) and how far."""
-
-    name: str
-    met: Optional[bool]
-    detail: str
-
-
 INGREDIENT_STUDIES = ("all_fp4", "ablation", "fwd_bwd", "final_hp", "beyond")
 CONTROLS = ("nvfp4_hp_eval",)  # changes how the loss is measured, not how the model trains
 
 
-def check_targets(results: Dict[str, dict]) -> List[Target]:
-    """The study's targets at the ci size, from the paired gaps (95% t intervals):
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom (Simpson's rule on the density).
 
-    * naive at least 20% above bf16;
-    * nvfp4 closes at least 90% of naive's gap (means);
-    * fp8 within 1% of bf16, and below nvfp4 (the interval of nvfp4 - fp8 above 0);
-    * the ordering bf16 <= fp8 < nvfp4 < mxfp4 < naive, each strict step resolved;
-    * at least one ingredient (an nvfp4 variant of :data:`INGREDIENT_STUDIES`
-      against nvfp4, not the evaluation control of :data:`CONTROLS`) resolved.
+    Examples
+    --------
+    >>> round(t_cdf(0.0, 3), 6), round(t_cdf(3.182446, 3), 4), round(t_cdf(-2.228139, 10), 4)
+    (0.5, 0.975, 0.025)
     """
-    gap = {r: paired_gap(results, r, "bf16") for r in ("fp8", "nvfp4", "mxfp4", "fp4_naive")}
-    out = []
-
-    def missing(*names):
-        return any(gap.get(n) is None for n in names)
-
-    if missing("fp4_naive"):
-        out.append(Target("naive at least +20% over bf16", None, "no fp4_naive runs"))
-    else:
-        g = gap["fp4_naive"]
-        out.append(Target("naive at least +20% over bf16", g.mean >= 20.0, f"{g.interval()}%"))
-    if missing("fp4_naive", "nvfp4"):
-        out.append(Target("nvfp4 closes at least 90% of naive's gap", None, "runs missing"))
-    else:
-        closed = 1.0 - gap["nvfp4"].mean / gap["fp4_naive"].mean
-        out.append(Target("nvfp4 closes at least 90% of naive's gap", closed >= 0.9, f"{100 * closed:.1f}% closed"))
-    if missing("fp8", "nvfp4"):
-        out.append(Target("fp8 within 1% of bf16 and below nvfp4", None, "runs missing"))
-    else:
-        nv_fp8 = paired_gap(results, "nvfp4", "fp8")
-        ok = gap["fp8"].mean <= 1.0 and nv_fp8 is not None and nv_fp8.resolved and nv_fp8.mean > 0
-        out.append(Target("fp8 within 1% of bf16 and below nvfp4", ok,
-                          f"fp8 vs bf16 {gap['fp8'].interval()}%; nvfp4 vs fp8 "
-                          f"{nv_fp8.interval() if nv_fp8 else 'n/a'}%"))
-    chain = ("fp8", "nvfp4", "mxfp4", "fp4_naive")
-    steps = [("bf16", "fp8", False)] + [(a, b, True) for a, b in zip(chain, chain[1:])]
-    parts, ok, known = [], True, True
-    for lo, hi, strict in steps:
-        p = paired_gap(results, hi, lo)
-        if p is None:
-            known = False
-            parts.append(f"{hi} vs {lo}: missing")
-            continue
-        step_ok = (p.resolved and p.mean > 0) if strict else not (p.resolved and p.mean < 0)
-        ok = ok and step_ok
-        parts.append(f"{hi} vs {lo} {p.interval()}%{'' if step_ok else ' (not shown)'}")
-    out.append(Target("ordering bf16 <= fp8 < nvfp4 < mxfp4 < naive", ok if known else None, "; ".join(parts)))
-    resolved = []
-    for rec in sorted({r["definition"]["recipe"] for r in results.values()
-                       if r["definition"]["study"] in INGREDIENT_STUDIES
-                       and r["definition"]["recipe"].startswith("nvfp4_") and r["definition"]["recipe"] not in CONTROLS}):
-        p = paired_gap(results, rec, "nvfp4", INGREDIENT_STUDIES)
-        if p is not None and p.resolved:
-            resolved.append(f"{rec} {p.interval()}%")
-    any_runs = any(r["definition"]["study"] in INGREDIENT_STUDIES for r in results.values())
-    out.append(Target("at least one ingredient resolved against nvfp4", bool(resolved) if any_runs else None,
-                      "; ".join(resolved) or "none resolved at this scale"))
-    return out
-
-
-def _t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom (Simpson's rule on the density)."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
     if t < 0:
-        return 1.0 - _t_cdf(-t, df)
+        return 1.0 - t_cdf(-t, df)
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
     # integrate the density from 0 to t over u = atan(x / sqrt(df)), where it is smooth and bounded
     hi = math.atan(t / math.sqrt(df))
@@ -180,51 +121,77 @@ def _t_cdf(t: float, df: int) -> float:
     return 0.5 + total * h / 3
 
 
+_t_cdf = t_cdf  # the former private name
+
+
 @functools.lru_cache(maxsize=4096)
 def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``p`` in (0.5, 1)).
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``p`` in (0, 1)).
 
     Examples
     --------
     >>> round(t_quantile(0.975, 1), 3), round(t_quantile(0.975, 3), 3), round(t_quantile(0.975, 30), 3)
     (12.706, 3.182, 2.042)
+    >>> t_quantile(0.5, 4), round(t_quantile(0.025, 3), 3)
+    (0.0, -3.182)
     """
-    if not 0.5 < p < 1.0 or df < 1:
-        raise ValueError(f"need 0.5 < p < 1 and df >= 1, got p={p!r}, df={df!r}")
+    if not 0.0 < p < 1.0 or df < 1:
+        raise ValueError(f"need 0 < p < 1 and df >= 1, got p={p!r}, df={df!r}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
     lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
+    while t_cdf(hi, df) < p:
         hi *= 2
     for _ in range(45):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2
 
 
 @dataclass
 class Paired:
     """A paired difference over seeds: ``diffs`` (one per seed), their mean, sample sd,
-    the 95% t interval of the mean (``None`` with fewer than two seeds) and the verdict."""
+    the t interval of the mean at ``level`` (``None`` with fewer than two seeds), the
+    two-sided p-value of "the mean difference is zero" and the verdict."""
 
     diffs: List[float]
     mean: float
     sd: Optional[float]
     low: Optional[float]
     high: Optional[float]
+    level: float = 0.95
 
     @property
     def n(self) -> int:
         return len(self.diffs)
 
     @property
+    def se(self) -> Optional[float]:
+        """Standard error of the mean; ``None`` without spread (one seed, or identical differences)."""
+        return self.sd / math.sqrt(self.n) if self.sd else None
+
+    @property
+    def p_value(self) -> Optional[float]:
+        """Two-sided p of the paired t test against zero; ``None`` without spread (no test)."""
+        if self.se is None:
+            return None
+        return min(1.0, 2.0 * (1.0 - t_cdf(abs(self.mean) / self.se, self.n - 1)))
+
+    @property
     def resolved(self) -> bool:
-        """True when the 95% interval excludes zero."""
-        return self.low is not None and (self.low > 0 or self.high < 0)
+        """True when the interval excludes zero (never without spread: no test)."""
+        return self.se is not None and (self.low > 0 or self.high < 0)
 
     def verdict(self, above: str = "above", below: str = "below") -> str:
         """``above``/``below`` when the interval lies wholly on one side of zero, else
-        "not resolved at this scale" (with the reason for one seed)."""
+        "not resolved at this scale" (with the reason for one seed, or no verdict
+        when the per-seed differences do not vary)."""
         if self.low is None:
             return "not resolved at this scale (one seed: no interval)"
+        if self.se is None:
+            return "no verdict (the per-seed differences do not vary)"
         if not self.resolved:
             return "not resolved at this scale"
         return above if self.low > 0 else below
@@ -242,36 +209,131 @@ def paired_difference(diffs: Sequence[float], level: float = 0.95) -> Paired:
     Examples
     --------
     >>> p = paired_difference([1.0, 1.2, 0.8, 1.0])
-    >>> round(p.low, 3), round(p.high, 3), p.verdict()
-    (0.74, 1.26, 'above')
+    >>> round(p.low, 3), round(p.high, 3), p.verdict(), round(p.p_value, 5)
+    (0.74, 1.26, 'above', 0.00117)
     >>> paired_difference([0.55, 1.33]).verdict()  # two seeds, t with 1 degree of freedom
     'not resolved at this scale'
+    >>> paired_difference([0.3, 0.3, 0.3]).verdict(), paired_difference([0.3, 0.3]).p_value
+    ('no verdict (the per-seed differences do not vary)', None)
     """
     diffs = [float(d) for d in diffs]
     if not diffs:
         raise ValueError("diffs is empty: no seed to compare")
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
-        return Paired(diffs, mean, None, None, None)
+        return Paired(diffs, mean, None, None, None, level)
     sd = statistics.stdev(diffs)
     half = t_quantile(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return Paired(diffs, mean, sd, mean - half, mean + half)
+    return Paired(diffs, mean, sd, mean - half, mean + half, level)
 
 
-def seeds_needed(effect: float, sd: float, level: float = 0.95, power: float = 0.8, max_seeds: int = 10_000) -> int:
-    """Seeds for a paired comparison to resolve ``effect`` (two-sided ``level``) with ``power``,
-    given the sd of the per-seed differences: the smallest n with
-    ``(t(level, n-1) + t(power, n-1)) * sd / sqrt(n) <= |effect|``.
+def holm(p_values: Sequence[float]) -> List[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest p is
+    multiplied by (m - i), running maxima keep the order, and nothing exceeds 1. A
+    hypothesis is rejected at family-wise level alpha when its adjusted p is below alpha.
 
     Examples
     --------
-    >>> seeds_needed(1.0, 1.0)
-    10
+    >>> [round(p, 4) for p in holm([0.01, 0.04, 0.03, 0.005])]  # Holm (1979)-style textbook case
+    [0.03, 0.06, 0.06, 0.02]
+    >>> holm([])
+    []
     """
-    if sd <= 0:
-        return 2
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def tost(p: Paired, margin: float) -> Optional[float]:
+    """p-value of the two one-sided t tests (TOST) of equivalence within ``±margin``:
+    the larger of the p of "mean <= -margin" and of "mean >= +margin". Equivalence is
+    shown at level alpha when it is below alpha, that is when the (1 - 2 alpha) t
+    interval lies inside the margins. ``None`` without spread (no test).
+
+    Examples
+    --------
+    >>> round(tost(paired_difference([0.1, -0.2, 0.0, 0.1]), 1.0), 5)
+    0.00038
+    >>> tost(paired_difference([0.1, 0.1]), 1.0) is None
+    True
+    """
+    if margin <= 0:
+        raise ValueError(f"margin must be positive, got {margin!r}")
+    if p.se is None:
+        return None
+    below = 1.0 - t_cdf((p.mean + margin) / p.se, p.n - 1)  # H0: mean <= -margin
+    above = t_cdf((p.mean - margin) / p.se, p.n - 1)  # H0: mean >= +margin
+    return max(below, above)
+
+
+@dataclass
+class Ratio:
+    """A ratio of two paired means with its t interval (delta method); ``None`` bounds
+    when it has no interval (fewer than two seeds, or no spread)."""
+
+    estimate: float
+    low: Optional[float]
+    high: Optional[float]
+    n: int
+
+    def interval(self, fmt: str = "{:.0%}") -> str:
+        """``estimate [low, high]``, or the estimate alone without an interval."""
+        if self.low is None:
+            return f"{fmt.format(self.estimate)} (no interval)"
+        return f"{fmt.format(self.estimate)} [{fmt.format(self.low)}, {fmt.format(self.high)}]"
+
+
+def ratio_of_means(numerator: Sequence[float], denominator: Sequence[float], level: float = 0.95) -> Ratio:
+    """``mean(numerator) / mean(denominator)`` over paired seeds, with the delta-method
+    ``level`` interval: the standard error is that of the mean of the residuals
+    ``a_i - R b_i`` divided by ``|mean(b)|``, with a t quantile of ``n - 1`` degrees
+    of freedom. Deterministic; with few seeds it is rough, as the t interval is.
+
+    Examples
+    --------
+    >>> r = ratio_of_means([1.0, 1.2, 0.8], [2.0, 2.0, 2.0])
+    >>> round(r.estimate, 3), round(r.low, 3), round(r.high, 3)
+    (0.5, 0.252, 0.748)
+    """
+    a, b = [float(x) for x in numerator], [float(x) for x in denominator]
+    if len(a) != len(b) or not a:
+        raise ValueError("numerator and denominator need the same, nonzero number of seeds")
+    mb = statistics.fmean(b)
+    if mb == 0:
+        raise ValueError("the denominator's mean is zero: no ratio")
+    r = statistics.fmean(a) / mb
+    if len(a) < 2:
+        return Ratio(r, None, None, len(a))
+    sd = statistics.stdev([x - r * y for x, y in zip(a, b)])
+    if sd == 0:
+        return Ratio(r, None, None, len(a))
+    half = t_quantile(0.5 + level / 2, len(a) - 1) * sd / math.sqrt(len(a)) / abs(mb)
+    return Ratio(r, r - half, r + half, len(a))
+
+
+def seeds_needed(effect: float, sd: float, level: float = 0.95, power: float = 0.8, max_seeds: int = 10_000) -> int:
+    """Seeds for a paired comparison to resolve a true effect of size ``effect`` (two-sided
+    ``level``) with probability ``power``, given the sd of the per-seed differences: the
+    smallest n >= 2 with ``(t(level, n-1) + t(power, n-1)) * sd / sqrt(n) <= |effect|``,
+    capped at ``max_seeds``. ``effect`` is an effect of interest chosen beforehand (say
+    0.5% or 1%), not the measured mean.
+
+    Examples
+    --------
+    >>> seeds_needed(1.0, 1.0), seeds_needed(0.5, 1.0), seeds_needed(1.0, 1.0, power=0.5)
+    (10, 34, 7)
+    """
     if effect == 0:
-        return max_seeds
+        raise ValueError("effect must be nonzero: no number of seeds resolves a zero effect")
+    if not sd > 0:
+        raise ValueError(f"sd must be positive (no spread: the t test is undefined), got {sd!r}")
+    if not 0.0 < power < 1.0 or not 0.0 < level < 1.0:
+        raise ValueError(f"need 0 < level, power < 1, got level={level!r}, power={power!r}")
 
     def resolves(n: int) -> bool:
         return (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n) <= abs(effect)
