@@ -57,11 +57,57 @@ def test_stored_bits_per_element_are_the_bytes_of_real_quantized_tensors(spec):
     assert stored * 8 == pytest.approx(stored_bits_per_element(spec, x.numel()) * x.numel())
 
 
-@pytest.mark.parametrize("scheme", ["fp8_e4m3", "fp8_e5m2"])
-def test_fp8_bits_are_one_byte_per_element_plus_a_scale(scheme):
-    x = torch.randn(64, 64)
-    stored = x.numel() * torch.empty(0, dtype=torch.float8_e4m3fn).element_size() + 4
-    assert stored * 8 == pytest.approx(stored_bits_per_element(QuantSpec(scheme), x.numel()) * x.numel())
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def fp8_stored_bytes(t: torch.Tensor, scheme: str) -> int:
+    """Bytes of ``t`` stored as FP8 training keeps it, built as real tensors: the codes in
+    the FP8 dtype and one FP32 decode scale (amax / the format's largest value)."""
+    dtype = FP8_DTYPES[scheme]
+    scale = (t.detach().abs().amax().float() / torch.finfo(dtype).max).reshape(())
+    codes = (t.detach().float() / scale).to(dtype)
+    return codes.nbytes + scale.nbytes
+
+
+@pytest.mark.parametrize("scheme", list(FP8_DTYPES))
+def test_fp8_bits_are_the_bytes_of_real_fp8_tensors(scheme):
+    for shape in ((64, 64), (3, 48), (1,)):
+        x = torch.randn(shape)
+        stored = fp8_stored_bytes(x, scheme)
+        assert stored * 8 == pytest.approx(stored_bits_per_element(QuantSpec(scheme), x.numel()) * x.numel())
+
+
+def test_fp8_account_equals_the_bytes_of_real_tensors_of_a_two_block_model():
+    """The FP8 recipe (block 0 in FP8, the last block in BF16) on a tiny GPT, counted from
+    real tensors: each weight's copy (one FP8 E4M3 tensor and its scale for block 0's linears,
+    BF16 elsewhere) and the inputs that block 0's linears save for Wgrad (FP8 E4M3 and a
+    scale), captured from a forward pass."""
+    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    batch = 3
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    acct = memory_account(cfg, "fp8", batch)
+    quantized = {f"transformer.h.0.{name}": name for name in QUANTIZED_LINEARS}
+
+    copies = 0
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        copies += fp8_stored_bytes(p, "fp8_e4m3") if module in quantized else p.detach().bfloat16().nbytes
+    assert bytes_by_kind(acct)["weight copies"] == copies
+
+    inputs = {}
+    modules = dict(model.named_modules())
+    for full, short in quantized.items():
+        modules[full].register_forward_hook(lambda m, args, out, short=short: inputs.__setitem__(short, args[0]))
+    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    model(idx, torch.roll(idx, -1, 1))
+    assert set(inputs) == set(QUANTIZED_LINEARS)
+    entries = {t.name: t.bytes for t in acct if t.kind == "activations"}
+    for short, x in inputs.items():
+        assert entries[f"h.0.{short} input"] == fp8_stored_bytes(x, "fp8_e4m3"), short
+    # The high-precision block saves no separate input for its output projection.
+    assert "h.1.attn.c_proj input" not in entries
 
 
 def test_fp4_saves_memory_in_weight_copies_and_activations_only():

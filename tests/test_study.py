@@ -173,6 +173,59 @@ def test_tolerance_mode_elsewhere_passes_within_the_band_and_fails_outside(tiny_
     assert "mode tolerance" in err and "FAILED at step" in err
 
 
+def _repro_record() -> dict:
+    """The stored record of the re-run check's run, with its references from several environments."""
+    results = Path(__file__).parents[1] / "experiments" / "results"
+    return json.loads((results / f"{definition.REPRO_RUN}.json").read_text())
+
+
+def _elsewhere(ref: dict, scale: float = 1.0, train_too: bool = True) -> dict:
+    """``ref`` as a fresh run from an environment none of the references was made in,
+    every validation loss (and with ``train_too`` every training loss) multiplied by ``scale``."""
+    fresh = json.loads(json.dumps({k: ref[k] for k in REFERENCE_KEYS}))
+    fresh["fingerprint"]["aten_cpu_capability"] = "ELSEWHERE"
+    if train_too:
+        fresh["train_losses"] = [v * scale for v in fresh["train_losses"]]
+    fresh["val_losses"] = [[s, v * scale] for s, v in fresh["val_losses"]]
+    fresh["final_val_loss"] = fresh["val_losses"][-1][1]
+    return fresh
+
+
+def test_stored_cross_environment_references_pass_tolerance_mode():
+    """Each stored reference, as the fresh run of an unknown environment, against the band
+    of the other stored references (leave one out), and against all of them."""
+    rec = _repro_record()
+    refs = rec["references"]
+    assert len({json.dumps(r["fingerprint"], sort_keys=True) for r in refs}) == len(refs) >= 3
+    for i, ref in enumerate(refs):
+        others = dict(rec, references=[r for j, r in enumerate(refs) if j != i])
+        ok, message = ex.rerun_verdict(others, _elsewhere(ref))
+        assert ok and "mode tolerance" in message, (i, message)
+        ok, message = ex.rerun_verdict(rec, _elsewhere(ref))
+        assert ok and "mode tolerance" in message, (i, message)
+
+
+@pytest.mark.parametrize("train_too", [True, False], ids=["all-losses", "val-losses"])
+@pytest.mark.parametrize("scale", [1.03, 0.97, 1.12])
+def test_tolerance_mode_fails_a_run_with_its_losses_a_few_percent_off(scale, train_too):
+    """Any stored reference with its losses 3% (or 12%) off fails against the stored references:
+    every loss, or only the validation losses (a run that starts right and drifts)."""
+    rec = _repro_record()
+    for i, ref in enumerate(rec["references"]):
+        ok, message = ex.rerun_verdict(rec, _elsewhere(ref, scale, train_too))
+        assert not ok and "mode tolerance" in message and "FAILED at step" in message, (i, message)
+
+
+def test_tolerance_band_is_built_from_validation_losses():
+    refs = [{"train_losses": [5.0, 4.0, 3.0], "val_losses": [[2, 4.0], [3, 3.5]]},
+            {"train_losses": [5.0, 4.5, 2.0], "val_losses": [[2, 4.01], [3, 3.5]]}]
+    steps, center, tol = ex.tolerance_band(refs, factor=2.0, floor=0.0)
+    assert steps == [2, 3] and center == pytest.approx([4.005, 3.5])
+    assert tol == pytest.approx([0.02, 0.02])  # the largest difference, twice; noisy training losses ignored
+    with pytest.raises(ValueError, match="validation steps"):
+        ex.tolerance_band([refs[0], dict(refs[1], val_losses=[[2, 4.0]])])
+
+
 def test_tolerance_band_needs_two_environments():
     with pytest.raises(ValueError, match="at least two environments"):
         ex.tolerance_band([{"train_losses": [1.0], "val_losses": []}])

@@ -177,7 +177,8 @@ def quantize(
         of 256 (bitsandbytes' ``compress_statistics=True``). The 4-bit codes,
         offset and second-level absmax equal bitsandbytes'; each 8-bit absmax code
         is the exact nearest entry of the dynamic map, whereas bitsandbytes' CPU
-        search lands one entry off for roughly 0.1% of them.
+        search lands one entry off for about 0.2% of them (31 and 32 of 16,384 on
+        Gaussian data, for the two schemes).
     scale_rule:
         How block scales are chosen; ``None``: the standard rule. MXFP4:
         ``"floor"`` (OCP, the standard) or ``"ceil"`` (never clips). NVFP4:

@@ -30,11 +30,12 @@ in one of two modes, and says which:
   environment (:func:`numeric_fingerprint`: torch release, ATen's CPU kernel set,
   the processor's vector instructions, oneDNN/MKL, threads, device, precision):
   every loss must be identical, bit for bit;
-* **tolerance**, elsewhere: every loss must lie within :data:`TOLERANCE_FACTOR`
-  times the largest difference measured between the stored environments' runs up
-  to that step (:func:`tolerance_band`). Other CPU kernels round the last bits of
-  floats differently, and NVFP4's non-power-of-two scales turn those bits into
-  different rounding decisions, so runs in different environments drift apart.
+* **tolerance**, elsewhere: every validation loss must lie within
+  :data:`TOLERANCE_FACTOR` (2) times the largest difference measured between the
+  stored environments' validation losses (:func:`tolerance_band`).
+  Other CPU kernels round the last bits of floats differently, and NVFP4's
+  non-power-of-two scales turn those bits into different rounding decisions, so
+  runs in different environments drift apart.
 
 ``reference`` adds the current environment's run to the record (``make
 experiments`` stores the ATen kernel sets ``default`` and ``avx2`` besides the
