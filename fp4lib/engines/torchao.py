@@ -10,10 +10,12 @@ the engines with real FP4 kernels.
   (NVFP4) in row-major order.
 * :data:`ENGINE_SWITCHES` -- fp4lib's recipes as Transformer Engine's, torchao's and
   Megatron-LM's switches. The GEMMs themselves: :mod:`fp4lib.engines.gemm`.
+
 Never quantize again on the other side. fp4lib's MXFP4 is bit for bit torchao's
 ``to_mx`` with the OCP floor rule, but NVFP4 differs in details: fp4lib follows
 Transformer Engine's reference (``s_enc = 2688 / amax``, block scale
-``e4m3((amax_b / 6) * s_enc)``, an underflowing block scale flushed to zero), while
+``e4m3((amax_b / 6) * s_enc)`` by default and TE's current order with
+``formula="te2026"``, an underflowing block scale flushed to zero), while
 torchao's ``nvfp4_quantize`` divides by ``amax / 2688`` and raises block scales
 below E4M3's smallest normal number (2^-6) to it. The two agree on most blocks, not all: they part where fp4lib's block scale is
 subnormal or zero.
