@@ -4,7 +4,7 @@ Every kernel here computes the same bits as its reference and uses the same scal
 arithmetic (:func:`fp4lib.numerics.scales.mx_scale_exponents`, :func:`~fp4lib.numerics.scales.nvfp4_block_scales`,
 ... are plain tensor operations that compile); what differs is only the shape of
 the computation: one pass over the tensor instead of one tensor operation at a
-time, rounding by threshold comparisons instead of ``bucketize``, and no copies.
+time, rounding by comparisons and ``torch.round`` instead of ``bucketize``, and no copies.
 
 * :func:`quantize_packed` -- ``quantize`` to packed codes and scales, for every
   scheme with round-to-nearest. :func:`fp4lib.quantize` calls it (``backend="auto"``,
