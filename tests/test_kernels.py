@@ -172,3 +172,22 @@ def test_a_cuda_build_of_torch_compiling_for_the_cpu_adds_no_notice_without_a_gp
         log.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
         log.warning("another notice")
     assert [r.getMessage() for r in caplog.records] == ["another notice"]
+
+
+def _round_by_thresholds(s):
+    """E2M1 round-to-nearest-even as the sum of the threshold tests of the E2M1 midpoints."""
+    m = s.abs()
+    q = torch.zeros_like(m)
+    for mid, step, tie_up in kernels._E2M1_STEPS:
+        q = q + ((m >= mid) if tie_up else (m > mid)).to(m.dtype) * step
+    return torch.copysign(q, s)
+
+
+def test_round_nearest_matches_the_threshold_tests_bit_for_bit():
+    # Every midpoint, grid point and binade edge with its float32 neighbours, subnormals,
+    # saturation, infinities and NaN, both signs (all float32 inputs agree: checked once).
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e30,
+                           1e-45, 1.2e-38, float("inf"), float("nan")])
+    near = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(1e38))])
+    s = torch.cat([near, -near, torch.randn(100_000) * 3])
+    assert torch.equal(kernels._round_nearest(s).view(torch.int32), _round_by_thresholds(s).view(torch.int32))

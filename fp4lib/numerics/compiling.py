@@ -95,10 +95,13 @@ def _compile_options() -> dict:
     return dict(COMPILE_OPTIONS)
 
 
-def compile_kernel(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
-    """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS` (exact division), as every fp4lib kernel."""
+def compile_kernel(fn: Callable, dynamic: Optional[bool] = None, options: Optional[dict] = None) -> Callable:
+    """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS` (exact division), as every fp4lib kernel.
+
+    ``options``: further Inductor options of this kernel (scheduling choices such as
+    which intermediate results to keep in memory, which do not change any value)."""
     _quiet_cuda_notice()
-    return torch.compile(fn, dynamic=dynamic, options=_compile_options())
+    return torch.compile(fn, dynamic=dynamic, options={**_compile_options(), **(options or {})})
 
 
 @functools.lru_cache(maxsize=None)

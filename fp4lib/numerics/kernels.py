@@ -4,7 +4,7 @@ Every kernel here computes the same bits as its reference and uses the same scal
 arithmetic (:func:`fp4lib.numerics.scales.mx_scale_exponents`, :func:`~fp4lib.numerics.scales.nvfp4_block_scales`,
 ... are plain tensor operations that compile); what differs is only the shape of
 the computation: one pass over the tensor instead of one tensor operation at a
-time, rounding by threshold comparisons instead of ``bucketize``, and no copies.
+time, rounding by comparisons and ``torch.round`` instead of ``bucketize``, and no copies.
 
 * :func:`quantize_packed` -- ``quantize`` to packed codes and scales, for every
   scheme with round-to-nearest. :func:`fp4lib.quantize` calls it (``backend="auto"``,
@@ -93,12 +93,25 @@ def _e2m1_codes(s: torch.Tensor) -> torch.Tensor:
 
 
 def _round_nearest(s: torch.Tensor) -> torch.Tensor:
-    """E2M1 round-to-nearest-even of float32 ``s`` (saturating at 6); values, not codes."""
-    m = s.abs()
-    q = torch.zeros_like(m)
-    for mid, step, tie_up in _E2M1_STEPS:
-        q = q + ((m >= mid) if tie_up else (m > mid)).to(m.dtype) * step
-    return torch.copysign(q, s)
+    """E2M1 round-to-nearest-even of float32 ``s`` (saturating at 6); values, not codes.
+
+    Within each binade of the E2M1 grid (spacing 0.5 below 2, 1 in [2, 4), 2 in
+    [4, 6]) the grid points are the integer multiples of the spacing, so the
+    nearest one is ``round(m / step) * step``: ``torch.round`` rounds ties to
+    even, and an even multiple of the step is the even code at every midpoint of
+    :data:`_E2M1_STEPS` (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
+    3.5 -> 4, 5 -> 4). Scaling by the power of two is exact, a magnitude just below
+    2 or 4 rounds up to the next binade's first point, and ``m`` is clamped to 6
+    first; NaN gives a signed zero as the threshold tests did. The same bits as
+    summing the threshold tests of :data:`_E2M1_STEPS` for every float32 input
+    (checked exhaustively), in about a third of the operations.
+    """
+    m = s.abs().clamp(max=E2M1_MAX)
+    small, middle = m < _BINADE_2, m < _BINADE_4
+    inv = torch.where(small, 2.0, torch.where(middle, 1.0, 0.5))
+    step = torch.where(small, 0.5, torch.where(middle, 1.0, 2.0))
+    q = torch.round(m * inv) * step
+    return torch.copysign(torch.where(m == m, q, 0.0), s)
 
 
 def _round_stochastic(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -414,6 +427,14 @@ def fake_quantize_fused(
     return apply_fn(x, enc, dec_block, dec_tensor, finite, seed_t, scheme, axis, rounding, tile)
 
 
+# Stage 1 keeps every intermediate read more than once in memory: the block scales
+# (and four-over-six's two candidates) are then computed once per block, in a
+# vectorized loop over the blocks, instead of again, scalar, inside each loop over
+# the elements that reads them. The same operations on the same values: only where
+# results live changes. (Not for stage 2, where it would store the scaled operand.)
+_SCALES_OPTIONS = {"realize_reads_threshold": 1}
+
+
 class _CompiledFakeQuantize:
     """:func:`fake_quantize_fused` with both stages compiled, verified per spec, shape and device.
 
@@ -423,7 +444,8 @@ class _CompiledFakeQuantize:
     """
 
     def __init__(self):
-        stages = (compile_kernel(_stage_scales, dynamic=False), compile_kernel(_stage_apply, dynamic=False))
+        stages = (compile_kernel(_stage_scales, dynamic=False, options=_SCALES_OPTIONS),
+                  compile_kernel(_stage_apply, dynamic=False))
         self.kernel = VerifiedCompiled(fake_quantize_fused, functools.partial(fake_quantize_fused, stages=stages))
 
     def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None, formula=None,
