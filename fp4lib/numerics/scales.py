@@ -31,7 +31,7 @@ from .constants import (
     NVFP4_4OVER6_SCALE_MAX,
     NVFP4_4OVER6_TARGET,
 )
-from .schemes import FP8_SCHEMES, scheme_info
+from .schemes import FP8_SCHEMES, ErrorMetric, ScaleFormula, scheme_info
 
 __all__ = ["pow2", "exact_constant", "e8m0_to_float", "e2m1_tensor_scale", "bnb_scale_blocks", "bnb_scale_tail",
            "mx_scale_exponents", "nvfp4_tensor_scale", "e4m3_round_up", "nvfp4_block_scales", "nvfp4_four_over_six",
@@ -198,9 +198,13 @@ def e4m3_round_up(v: torch.Tensor) -> torch.Tensor:
     return torch.where((below < v) & (below < E4M3_MAX), above, below)
 
 
+_FORMULAS = tuple(f.value for f in ScaleFormula)
+_METRICS = tuple(m.value for m in ErrorMetric)
+
+
 def _formula(formula: str) -> str:
-    if formula not in ("te2025", "te2026"):
-        raise ValueError(f"formula must be one of ('te2025', 'te2026'), got {formula!r}")
+    if formula not in _FORMULAS:
+        raise ValueError(f"formula must be one of {_FORMULAS}, got {formula!r}")
     return str(formula)
 
 
@@ -235,9 +239,9 @@ def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.T
       capped at 448 before the cast; ``target`` must be 6 (four-over-six's
       candidates are made in :func:`nvfp4_four_over_six`).
 
-    The two differ in the last bit of about a third of ideal scales, which moves the
-    1-2% of block scales lying near an E4M3 rounding midpoint to the neighbouring
-    E4M3 number: with a tensor amax of 4.375 and a block maximum of 1.640625,
+    The two can differ in the last bit, which moves a block scale lying on an E4M3
+    rounding midpoint to the neighbouring E4M3 number (chapter 2 counts them on a
+    bf16 tensor): with a tensor amax of 4.375 and a block maximum of 1.640625,
     ``"te2025"`` gives exactly 168, the midpoint of 160 and 176, which rounds to
     even, 160; ``"te2026"`` gives 168.00002, which rounds to 176.
 
@@ -315,8 +319,8 @@ def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch
     very small values can tie at inf or at 0 and keep 6 where the exact comparison
     would pick 4; the ``"te2025"`` float64 sum has no such limit for float32 inputs.
     """
-    if metric not in ("mse", "mae"):
-        raise ValueError(f"metric must be one of ('mse', 'mae'), got {metric!r}")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     if _formula(formula) == "te2026":
         if amax is None:
             raise ValueError("formula='te2026' computes four-over-six's errors from the tensor's amax; pass amax")
