@@ -140,10 +140,11 @@ test: venv
 	$(MAKE) build-book-stored
 	$(MAKE) browser-check
 
-# The study, one thread per run (as stored), then the re-run check's reference runs
+# The study, one thread per run (as stored), the gradient-fidelity study, then the re-run check's reference runs
 # under ATen's other CPU kernel sets, so that `check` is exact under each of them.
 experiments: venv
 	$(PY) -m fp4lib.study run --threads 1
+	$(PY) -m fp4lib.study gradients --threads 1
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study reference
 	if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
 	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.study reference; fi

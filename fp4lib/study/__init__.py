@@ -7,7 +7,8 @@
     python -m fp4lib.study run --only nvfp4_s0   # some runs
     python -m fp4lib.study run --stale           # only missing or stale results
     python -m fp4lib.study check                 # used by `make test`
-    python -m fp4lib.study reference             # store this environment's re-run reference
+    python -m fp4lib.study reference             # store this environment's re-run references
+    python -m fp4lib.study gradients             # the gradient-fidelity study (about an hour)
 
 Each run (:data:`STUDY`) trains the tiny GPT with one recipe and seed and writes
 ``experiments/results/<name>.json``: final validation loss, the loss and
@@ -64,6 +65,12 @@ The studies (:data:`~fp4lib.study.definition.STUDIES`), all at the ci size:
 * ``repro`` -- a 60-step nvfp4 run whose last 6 steps run in high precision
   (past the warm-up, into the cosine schedule and the final stretch) that
   ``check`` re-runs.
+
+Beside the loss study, the **gradient-fidelity study** (:mod:`fp4lib.study.gradients`)
+measures each recipe's GEMMs and gradients on states of the runs ``bf16_s0`` and
+``nvfp4_s0`` against the exact float32 ones; :mod:`fp4lib.study.fidelity` stores and
+checks it (``check`` measures a small slice again, exact or within a tolerance, as
+above), and :mod:`fp4lib.study.mechanisms` turns it into intervals and verdicts.
 """
 
 from pathlib import Path

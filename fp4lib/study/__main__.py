@@ -18,6 +18,7 @@ from .definition import Run
 from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest, training_entry
 from .provenance import code_hash, describe_environment, numeric_fingerprint, same_environment
 from .runner import REFERENCE_KEYS, run_experiment
+from . import fidelity
 
 
 def _select(names: Optional[Sequence[str]], study: Optional[str]) -> List[Run]:
@@ -102,15 +103,14 @@ def cmd_check(args) -> int:
               f"and the training canary reproduces the digest stored for this environment ({here['digest'][:12]})"
               if here else "and no training digest was stored for this environment (the re-run below checks training)")
           + f"; torch {torch.__version__}")
-    if args.no_rerun:
-        return 0
-    stored, fresh = _rerun(args.rerun, args.results, args.backend)
-    ok, message = rerun_verdict(stored, fresh)
-    if ok:
+    if not args.no_rerun:
+        stored, fresh = _rerun(args.rerun, args.results, args.backend)
+        ok, message = rerun_verdict(stored, fresh)
+        if not ok:
+            print(f"study check FAILED: re-running {args.rerun}: {message}", file=sys.stderr)
+            return 1
         print(f"re-ran {args.rerun}: {message}")
-        return 0
-    print(f"study check FAILED: re-running {args.rerun}: {message}", file=sys.stderr)
-    return 1
+    return _check_gradients(args)
 
 
 def cmd_reference(args) -> int:
@@ -132,7 +132,52 @@ def cmd_reference(args) -> int:
     os.replace(tmp, path)
     print(f"{name}: stored the reference for {describe_environment(entry['fingerprint'])}; "
           f"{len(refs)} environment(s) now; final val_loss {entry['final_val_loss']:.6f}")
+    stale = fidelity.stale_fidelity(args.results)
+    if fidelity.FIDELITY_CHECK.name in stale:
+        raise ValueError(f"{fidelity.FIDELITY_CHECK.name} is not current ({stale[fidelity.FIDELITY_CHECK.name]}); "
+                         f"run first: python -m fp4lib.study gradients --only {fidelity.FIDELITY_CHECK.name}")
+    fresh = fidelity.make_record(fidelity.FIDELITY_CHECK, args.backend, log=lambda s: None)
+    n = fidelity.add_reference(args.results, fresh)
+    print(f"{fidelity.FIDELITY_CHECK.name}: stored the reference for {describe_environment(fresh['fingerprint'])}; "
+          f"{n} environment(s) now")
     return 0
+
+
+def cmd_gradients(args) -> int:
+    """Measure and store the gradient-fidelity study and its check slice."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.only or list(fidelity.FIDELITY_FILES)
+    unknown = [n for n in names if n not in fidelity.FIDELITY_FILES]
+    if unknown:
+        raise ValueError(f"--only: unknown record(s) {unknown}; known: {sorted(fidelity.FIDELITY_FILES)}")
+    if args.stale:
+        stale = fidelity.stale_fidelity(require_results_dir(args.results))
+        names = [n for n in names if n in stale]
+    for name in names:
+        print(f"{name}: measuring", flush=True)
+        record = fidelity.make_record(fidelity.FIDELITY_FILES[name], args.backend)
+        path = fidelity.store_record(args.results, record)
+        print(f"  stored {path} ({record['data']['wall_s']:.0f} s)", flush=True)
+    return 0
+
+
+def _check_gradients(args) -> int:
+    """The gradient-fidelity records' staleness, then the slice measured again."""
+    stale = fidelity.stale_fidelity(args.results)
+    if stale:
+        print("study check FAILED: gradient-fidelity record(s) missing or stale: "
+              + "; ".join(f"{k}: {v}" for k, v in stale.items())
+              + "\nrefresh with:  python -m fp4lib.study gradients --stale", file=sys.stderr)
+        return 1
+    if args.no_rerun:
+        return 0
+    stored = fidelity.load_fidelity(args.results, fidelity.FIDELITY_CHECK.name)
+    fresh = fidelity.make_record(fidelity.FIDELITY_CHECK, args.backend, log=lambda s: None)
+    ok, message = fidelity.check_verdict(stored, fresh)
+    print(f"gradient-fidelity records current; re-measured {fidelity.FIDELITY_CHECK.name}: {message}",
+          file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def _threads(text: str) -> int:
@@ -167,9 +212,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f = sub.add_parser("reference", help="store this environment's run of the re-run check's run")
     f.add_argument("--rerun", default=definition.REPRO_RUN, choices=[x.name for x in definition.STUDY], help="the run")
     f.add_argument("--backend", default="auto")
+    g = sub.add_parser("gradients", help="measure and store the gradient-fidelity study and its check slice")
+    g.add_argument("--only", nargs="+", metavar="NAME", help=f"only these of {sorted(fidelity.FIDELITY_FILES)}")
+    g.add_argument("--stale", action="store_true", help="only records that are missing or stale")
+    g.add_argument("--backend", default="auto", help="fake-quant backend (identical numbers)")
+    g.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     try:
-        return {"run": cmd_run, "list": cmd_list, "check": cmd_check, "reference": cmd_reference}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "check": cmd_check, "reference": cmd_reference,
+                "gradients": cmd_gradients}[args.command](args)
     except ValueError as e:
         p.error(str(e))
 

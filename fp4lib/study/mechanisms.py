@@ -1,0 +1,206 @@
+"""The gradient-fidelity study's numbers as intervals and verdicts (chapter 5's mechanism section).
+
+A **cell** is one training state and one held-out batch; its value of a quantity is
+the mean over the draws of the random parts. Intervals are t intervals over the
+cells (the draws' noise is inside each cell's value), and an ingredient's effect is
+the paired difference, per cell, between the recipe with the ingredient and the
+one without it. The weights' quantities depend on the state alone and have one value
+per state. Within a family (one quantity, every ingredient) the p-values are
+Holm-adjusted and the intervals are Bonferroni-widened to ``1 - 0.05 / m``, so that
+an interval that excludes zero is a resolved effect at the family-wise 5% level.
+
+Squared relative bias and spread are the quantities tested: the per-cell estimate
+of the squared bias is unbiased (:class:`~fp4lib.study.gradients.Moments`), its
+root is not. Tables show roots for reading.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .stats import Paired, holm, paired_difference, seeds_needed
+from .verdicts import ALPHA
+
+__all__ = ["QUANTITIES", "STATE_QUANTITIES", "Ingredient", "INGREDIENTS", "FAMILIES", "cell_values", "state_values",
+           "recipe_summary", "Effect", "ingredient_effects", "loss_link", "sr_crossover"]
+
+
+def _layer_mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+QUANTITIES: Dict[str, Callable[[dict], float]] = {
+    "cosine": lambda r: r["grad"]["model"]["cosine"],
+    "grad_error": lambda r: r["grad"]["model"]["error"],
+    "grad_bias2": lambda r: r["grad"]["model"]["bias2"],
+    "grad_spread2": lambda r: r["grad"]["model"]["spread2"],
+    "fprop_error": lambda r: _layer_mean(r["gemm"]["fprop"]["error"]),
+    "dgrad_error": lambda r: _layer_mean(r["gemm"]["dgrad"]["error"]),
+    "wgrad_error": lambda r: _layer_mean(r["gemm"]["wgrad"]["error"]),
+    "bwd_bias2": lambda r: _layer_mean(r["gemm"]["dgrad"]["bias2"] + r["gemm"]["wgrad"]["bias2"]),
+    "bwd_spread2": lambda r: _layer_mean(r["gemm"]["dgrad"]["spread2"] + r["gemm"]["wgrad"]["spread2"]),
+    "lookahead": lambda r: statistics.fmean(r["grad"]["lookahead"]),
+}
+"""Per-cell quantities of one recipe: the whole-model gradient's cosine similarity, mean
+relative error, squared relative bias and spread; the quantized layers' mean relative
+GEMM errors; the backward GEMMs' (dgrad and wgrad) squared relative bias and spread;
+and the look-ahead loss difference (nats, recipe's step minus the exact step)."""
+
+STATE_QUANTITIES: Dict[str, Callable[[dict], float]] = {
+    "mismatch": lambda w: _layer_mean(w["fwd_bwd_mismatch"]),
+    "weight_error": lambda w: _layer_mean(w["weight_error"]),
+}
+"""Per-state quantities of one recipe's weights: the relative distance between the forward
+and the dgrad GEMM's weight, and the forward weight's relative error (layer means)."""
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    """An ingredient as a pair of recipes, and the quantity its mechanism acts on."""
+
+    name: str
+    on: str
+    off: str
+    mechanism: str
+    claim: str
+
+
+INGREDIENTS = (
+    Ingredient("stochastic rounding", "nvfp4", "nvfp4_no_sr", "bwd_bias2",
+               "makes the backward GEMMs unbiased, at the price of variance"),
+    Ingredient("random Hadamard transform", "nvfp4", "nvfp4_no_rht", "wgrad_error",
+               "shrinks the Wgrad GEMM's error on operands with outliers"),
+    Ingredient("16x16 weight tiles", "nvfp4", "nvfp4_no_tiles", "mismatch",
+               "makes the forward and backward weights the same tensor"),
+    Ingredient("block scales rounded up (unbiased SR)", "nvfp4_unbiased_sr", "nvfp4", "bwd_bias2",
+               "removes the bias that clipping at the block maximum leaves in stochastic rounding"),
+    Ingredient("four-over-six", "nvfp4_4over6", "nvfp4", "fprop_error",
+               "lowers the error of the quantized operands"),
+)
+
+FAMILIES = ("mechanism", "cosine", "grad_bias2", "grad_spread2", "lookahead")
+"""Families of tests: each ingredient on its own mechanism's quantity, then every
+ingredient on the gradient's cosine, squared bias and squared spread, and on the
+look-ahead loss."""
+
+
+def cell_values(record: dict, recipe: str, quantity: str) -> List[float]:
+    """``quantity`` of ``recipe`` in every cell of a stored record, in cell order."""
+    if quantity in STATE_QUANTITIES:
+        return state_values(record, recipe, quantity)
+    if quantity not in QUANTITIES:
+        raise ValueError(f"quantity must be one of {sorted(QUANTITIES) + sorted(STATE_QUANTITIES)}, got {quantity!r}")
+    cells = record["data"]["cells"]
+    if recipe not in cells[0]["recipes"]:
+        raise ValueError(f"the record measured {sorted(cells[0]['recipes'])}, not {recipe!r}")
+    return [QUANTITIES[quantity](c["recipes"][recipe]) for c in cells]
+
+
+def state_values(record: dict, recipe: str, quantity: str) -> List[float]:
+    """A weight quantity of ``recipe`` in every state of a stored record."""
+    return [STATE_QUANTITIES[quantity](s["weights"][recipe]) for s in record["data"]["states"]]
+
+
+def _interval(values: Sequence[float], level: float = 0.95) -> Paired:
+    return paired_difference(values, level)
+
+
+def recipe_summary(record: dict, quantities: Sequence[str] = ("cosine", "grad_error", "grad_bias2", "grad_spread2",
+                                                                   "fprop_error", "dgrad_error", "wgrad_error",
+                                                                   "lookahead")) -> List[dict]:
+    """Per recipe: each quantity's mean over cells with its 95% t interval (a :class:`Paired`)."""
+    recipes = list(record["data"]["cells"][0]["recipes"])
+    return [{"recipe": r, **{q: _interval(cell_values(record, r, q)) for q in quantities}} for r in recipes]
+
+
+@dataclass
+class Effect:
+    """An ingredient's effect on one quantity: with minus without, per cell, in one family."""
+
+    family: str
+    ingredient: Ingredient
+    quantity: str
+    paired: Paired          # 95% interval
+    corrected: Paired       # Bonferroni-widened interval of the family
+    p: Optional[float]
+    p_adj: Optional[float] = None
+    baseline: float = 0.0   # mean of the recipe without the ingredient
+    cells_needed: Optional[int] = None  # for an effect of 10% of ``baseline`` at 80% power
+
+    @property
+    def resolved(self) -> bool:
+        return self.p_adj is not None and self.p_adj < ALPHA
+
+    def verdict(self) -> str:
+        if self.p is None:
+            return "no test (the per-cell differences do not vary)"
+        if self.resolved:
+            return "raises it" if self.paired.mean > 0 else "lowers it"
+        return "not resolved"
+
+
+def ingredient_effects(record: dict) -> Dict[str, List[Effect]]:
+    """Family -> the effects of every ingredient (:data:`INGREDIENTS`), Holm-adjusted within it."""
+    out: Dict[str, List[Effect]] = {}
+    m = len(INGREDIENTS)
+    for family in FAMILIES:
+        effects = []
+        for ing in INGREDIENTS:
+            q = ing.mechanism if family == "mechanism" else family
+            on, off = cell_values(record, ing.on, q), cell_values(record, ing.off, q)
+            diffs = [a - b for a, b in zip(on, off)]
+            p = paired_difference(diffs)
+            effects.append(Effect(family, ing, q, p, paired_difference(diffs, 1 - ALPHA / m), p.p_value,
+                                  baseline=statistics.fmean(off)))
+        tested = [e for e in effects if e.p is not None]
+        for e, adj in zip(tested, holm([e.p for e in tested])):
+            e.p_adj = adj
+        for e in effects:  # the power of the ones left open
+            if not e.resolved and e.paired.sd and e.baseline:
+                e.cells_needed = seeds_needed(0.1 * e.baseline, e.paired.sd)
+        out[family] = effects
+    return out
+
+
+def loss_link(record: dict, results: Dict[str, dict]) -> List[dict]:
+    """Per ablation: the loss study's final-loss gap over nvfp4 (percent, Holm-adjusted in
+    its family) beside the look-ahead difference over nvfp4 (nats), and whether their
+    signs agree."""
+    from .verdicts import study_comparisons
+
+    variants = study_comparisons(results).get("variants", {})
+    effects = {e.ingredient.name: e for e in ingredient_effects(record)["lookahead"]}
+    rows = []
+    for ing in INGREDIENTS:
+        variant = ing.off if ing.on == "nvfp4" else ing.on
+        loss = variants.get(f"{variant} vs nvfp4")
+        e = effects[ing.name]
+        ahead = e.paired.mean if ing.on != "nvfp4" else -e.paired.mean  # variant minus nvfp4
+        rows.append({"variant": variant, "ingredient": ing.name, "loss": loss, "lookahead": ahead, "effect": e,
+                     "agree": None if loss is None else (loss.paired.mean > 0) == (ahead > 0)})
+    return rows
+
+
+def sr_crossover(record: dict, on: str = "nvfp4", off: str = "nvfp4_no_sr") -> Optional[float]:
+    """Estimated number of independent gradients averaged (by the optimizer, over steps)
+    beyond which stochastic rounding's smaller bias outweighs its larger spread:
+    ``(s_on^2 - s_off^2) / (b_off^2 - b_on^2)`` from the whole-model gradient's mean
+    squared relative spread ``s^2`` and bias ``b^2``. ``None`` when SR does not lower
+    the bias or does not raise the spread (no crossover). An estimate under a model in
+    which averaging ``n`` gradients divides the spread by ``n`` and leaves the bias.
+    """
+    b_on = statistics.fmean(cell_values(record, on, "grad_bias2"))
+    b_off = statistics.fmean(cell_values(record, off, "grad_bias2"))
+    s_on = statistics.fmean(cell_values(record, on, "grad_spread2"))
+    s_off = statistics.fmean(cell_values(record, off, "grad_spread2"))
+    if b_off <= b_on or s_on <= s_off:
+        return None
+    return (s_on - s_off) / (b_off - b_on)
+
+
+def root(x: float) -> float:
+    """The root of a squared relative quantity, with an estimate below zero read as zero."""
+    return math.sqrt(max(x, 0.0))
