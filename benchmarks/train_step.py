@@ -89,6 +89,83 @@ def measure(args):
     return rows
 
 
+class _QuantClock:
+    """Wall time spent in the layers' operand quantization (the Hadamard transform included):
+    wraps the two functions through which every FP4Linear GEMM operand is quantized."""
+
+    def __init__(self):
+        import fp4lib.training.layers as layers
+
+        self.layers, self.seconds, self.on = layers, 0.0, False
+        self.originals = {n: getattr(layers, n) for n in ("fake_quantize_gemm_pair", "operand_factored")}
+        for name, fn in self.originals.items():
+            setattr(layers, name, self._timed(fn))
+
+    def _timed(self, fn):
+        def wrapper(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return wrapper
+
+    def restore(self):
+        for name, fn in self.originals.items():
+            setattr(self.layers, name, fn)
+
+
+def step_by_step(recipes, rounds: int, warmup: int, preset: str = "ci"):
+    """Every recipe's trainer built and warmed up in one process, then one step of each in
+    turn for ``rounds`` rounds: ``{recipe: (median ms, median ratio to bf16's step of the
+    same round, median ms in quantization)}``. A change of load between rounds hits every
+    recipe alike."""
+    clock = _QuantClock()
+    try:
+        trainers = {}
+        for recipe in recipes:
+            model, rec, train, val, info = build_run(recipe, preset, seed=0, backend="auto")
+            cfg = PRESETS[preset].train_config(steps=warmup + rounds, eval_every=0, ckpt_every=0, progress=False)
+            trainers[recipe] = Trainer(model, train, val, cfg)
+            for step in range(1, warmup + 1):
+                trainers[recipe]._train_step(step)
+        ms = {r: [] for r in recipes}
+        quant = {r: [] for r in recipes}
+        for i in range(rounds):
+            for recipe, trainer in trainers.items():
+                clock.seconds, clock.on = 0.0, True
+                ms[recipe].append(trainer._train_step(warmup + 1 + i)[3])
+                clock.on = False
+                quant[recipe].append(clock.seconds * 1e3)
+        base = ms[recipes[0]]
+        return {r: (statistics.median(ms[r]), statistics.median(a / b for a, b in zip(ms[r], base)),
+                    statistics.median(quant[r])) for r in recipes}
+    finally:
+        clock.restore()
+
+
+def step_by_step_lines(recipes, rounds: int, warmup: int, threads: int, preset: str = "ci") -> list:
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    res = step_by_step(recipes, rounds, warmup, preset)
+    lines = [
+        "",
+        f"Step by step: the recipes' trainers built and warmed up ({warmup} steps) in one process, then one step of "
+        f"each in turn, {rounds} rounds, {threads} thread(s), the compiled backend (auto); medians. The share in "
+        f"quantization is the wall time inside the layers' operand quantization (Hadamard transform included), "
+        f"timed around each call. Load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        "",
+        "| recipe | ms/step | vs bf16 | in quantization (ms) | share of the step | within 1.5x |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, (ms, ratio, q) in res.items():
+        lines.append(f"| {r} | {ms:.0f} | {ratio:.2f}x | {q:.0f} | {q / ms:.0%} | "
+                     f"{'-' if r == recipes[0] else ('yes' if ratio <= TARGET else 'no')} |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", nargs="+", default=["bf16", "fp8", "fp4_naive", "mxfp4", "nvfp4", "nvfp4_4over6"])
@@ -99,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="ci")
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                    help="torch thread counts to measure (default: torch's choice)")
+    p.add_argument("--step-rounds", type=int, default=8,
+                   help="rounds of the step-by-step comparison at 1 thread (0: skip it)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.recipes[0] != "bf16":
@@ -133,6 +212,8 @@ def main(argv=None) -> int:
         "The machine's cores may be shared with other work: with 2 threads any other busy process slows every",
         "step (OpenMP threads wait for each other), so the 1-thread rows are the steadier comparison.",
     ]
+    if args.step_rounds:
+        lines += step_by_step_lines(args.recipes, args.step_rounds, args.warmup, 1, args.preset)
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -151,13 +152,18 @@ def test_ingredient_effects_resolve_a_planted_effect_and_adjust_within_families(
 
 def test_sr_crossover():
     rec = _fake_study_record()
-    for c in rec["data"]["cells"]:
-        c["recipes"]["nvfp4"]["grad"]["model"].update(bias2=0.01, spread2=0.05)
-        c["recipes"]["nvfp4_no_sr"]["grad"]["model"].update(bias2=0.02, spread2=0.03)
-    assert mechanisms.sr_crossover(rec) == pytest.approx(2.0)
+    for k, c in enumerate(rec["data"]["cells"]):
+        c["recipes"]["nvfp4"]["grad"]["model"].update(bias2=0.01, spread2=0.05 + 0.001 * k)
+        c["recipes"]["nvfp4_no_sr"]["grad"]["model"].update(bias2=0.02 + 0.0001 * k, spread2=0.03)
+    out = mechanisms.sr_crossover(rec, "grad")
+    assert out["ratio"].estimate == pytest.approx(statistics.fmean([(0.02 + 0.001 * k) / (0.01 + 0.0001 * k)
+                                                                    for k in range(8)]), rel=0.02)
+    assert out["bias_gain"].resolved and out["spread_gain"].resolved
     for c in rec["data"]["cells"]:
         c["recipes"]["nvfp4_no_sr"]["grad"]["model"].update(bias2=0.005)
-    assert mechanisms.sr_crossover(rec) is None
+    assert mechanisms.sr_crossover(rec, "grad")["ratio"] is None
+    with pytest.raises(ValueError, match="level"):
+        mechanisms.sr_crossover(rec, "layer")
 
 
 def _slice_record(tiny_record, threads=1):
@@ -212,3 +218,12 @@ def test_cli_refuses_an_unknown_record(tmp_path):
     p = subprocess.run([sys.executable, "-m", "fp4lib.study", "--results", str(tmp_path), "gradients", "--only", "nope"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "unknown record(s) ['nope']" in p.stderr
+
+
+def test_measure_in_parallel_processes_gives_the_same_numbers():
+    study = FidelityStudy("two", recipes=("nvfp4",), state_runs=("bf16", "nvfp4"), state_steps=(3,), run_steps=10,
+                          preset="tiny", batches=1, draws=2)
+    one = measure(study, backend="fused", log=lambda s: None)
+    two = measure(study, backend="fused", log=lambda s: None, jobs=2)
+    assert fidelity.flat_numbers(one) == fidelity.flat_numbers(two)
+    assert [s["name"] for s in two["states"]] == ["bf16@3", "nvfp4@3"]

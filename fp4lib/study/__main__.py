@@ -156,7 +156,7 @@ def cmd_gradients(args) -> int:
         names = [n for n in names if n in stale]
     for name in names:
         print(f"{name}: measuring", flush=True)
-        record = fidelity.make_record(fidelity.FIDELITY_FILES[name], args.backend)
+        record = fidelity.make_record(fidelity.FIDELITY_FILES[name], args.backend, jobs=args.jobs)
         path = fidelity.store_record(args.results, record)
         print(f"  stored {path} ({record['data']['wall_s']:.0f} s)", flush=True)
     return 0
@@ -216,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--only", nargs="+", metavar="NAME", help=f"only these of {sorted(fidelity.FIDELITY_FILES)}")
     g.add_argument("--stale", action="store_true", help="only records that are missing or stale")
     g.add_argument("--backend", default="auto", help="fake-quant backend (identical numbers)")
-    g.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (per process)")
+    g.add_argument("--jobs", type=_threads, default=1, help="processes, one per training run's states (same numbers)")
     args = p.parse_args(argv)
     try:
         return {"run": cmd_run, "list": cmd_list, "check": cmd_check, "reference": cmd_reference,

@@ -50,7 +50,7 @@ here: numbers that happen to agree closely in two environments differ by 50 to
 100 times that spread in the third."""
 
 
-def make_record(study: FidelityStudy, backend: str = "auto", log: Callable[[str], None] = print) -> dict:
+def make_record(study: FidelityStudy, backend: str = "auto", log: Callable[[str], None] = print, jobs: int = 1) -> dict:
     """Measure ``study`` and return its record with provenance."""
     from ..training.data import load_corpus
     from ..training.run import PRESETS
@@ -62,7 +62,7 @@ def make_record(study: FidelityStudy, backend: str = "auto", log: Callable[[str]
         torch.set_num_threads(1)
         backend = CHECK_BACKEND
     try:
-        data = measure(study, backend, log)
+        data = measure(study, backend, log, jobs=1 if study.name == FIDELITY_CHECK.name else jobs)
         fingerprint = numeric_fingerprint("cpu", "fp32")
         machine = machine_info()
     finally:

@@ -31,6 +31,7 @@ turns a record into intervals and verdicts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -365,11 +366,12 @@ def measure_state(study: FidelityStudy, state: dict, models: Dict[str, GPT], exa
             "cells": cells, "layers": layer_names}
 
 
-def measure(study: FidelityStudy, backend: str = "auto", log: Callable[[str], None] = print) -> dict:
-    """Make the states and measure every cell of ``study``; the record's numbers (without provenance)."""
-    backend = concrete_backend(backend)
-    t0 = time.time()
-    states = make_states(study, backend, log)
+def _measure_runs(study: FidelityStudy, backend, runs: Tuple[str, ...], log: Callable[[str], None],
+                  threads: Optional[int] = None) -> dict:
+    """The states of ``runs`` (some of ``study.state_runs``) and their cells."""
+    if threads:
+        torch.set_num_threads(threads)
+    states = make_states(dataclasses.replace(study, state_runs=runs), backend, log)
     _, _, _, val, _ = build_run("bf16", study.preset, seed=study.seed)
     bs = PRESETS[study.preset].train.batch_size
     grad_batches = [val.sample(bs, torch.Generator().manual_seed(_BATCH_SEED + i)) for i in range(study.batches)]
@@ -390,5 +392,29 @@ def measure(study: FidelityStudy, backend: str = "auto", log: Callable[[str], No
         out["cells"] += part["cells"]
         out["layers"] = part["layers"]
         log(f"  {state['name']}: {len(part['cells'])} batch(es), {time.time() - t1:.0f} s")
-    out["wall_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def measure(study: FidelityStudy, backend: str = "auto", log: Callable[[str], None] = print, jobs: int = 1) -> dict:
+    """Make the states and measure every cell of ``study``; the record's numbers (without provenance).
+
+    ``jobs``: processes, each making the states of some of ``study.state_runs`` and
+    measuring them with the current thread count; the numbers do not depend on it
+    (every state and draw has its own seeds).
+    """
+    backend = concrete_backend(backend)
+    t0 = time.time()
+    runs = [(r,) for r in study.state_runs]
+    if jobs <= 1 or len(runs) == 1:
+        parts = [_measure_runs(study, backend, study.state_runs, log)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        n = len(runs)
+        with ProcessPoolExecutor(min(jobs, n), mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_measure_runs, [study] * n, [backend] * n, runs, [print] * n,
+                                  [torch.get_num_threads()] * n))
+    out = {"states": [s for p in parts for s in p["states"]], "cells": [c for p in parts for c in p["cells"]],
+           "layers": parts[0]["layers"], "wall_s": round(time.time() - t0, 1)}
     return _round(out)

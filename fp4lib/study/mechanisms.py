@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .stats import Paired, holm, paired_difference, seeds_needed
+from .stats import Paired, holm, paired_difference, ratio_of_means, seeds_needed
 from .verdicts import ALPHA
 
 __all__ = ["QUANTITIES", "STATE_QUANTITIES", "Ingredient", "INGREDIENTS", "FAMILIES", "cell_values", "state_values",
@@ -166,9 +166,9 @@ def ingredient_effects(record: dict) -> Dict[str, List[Effect]]:
 
 
 def loss_link(record: dict, results: Dict[str, dict]) -> List[dict]:
-    """Per ablation: the loss study's final-loss gap over nvfp4 (percent, Holm-adjusted in
-    its family) beside the look-ahead difference over nvfp4 (nats), and whether their
-    signs agree."""
+    """Per variant of nvfp4: the loss study's final-loss change over nvfp4 (percent,
+    Holm-adjusted in its family) beside the look-ahead's change over nvfp4 (nats, mean and
+    the look-ahead family's corrected interval), and whether their signs agree."""
     from .verdicts import study_comparisons
 
     variants = study_comparisons(results).get("variants", {})
@@ -178,27 +178,38 @@ def loss_link(record: dict, results: Dict[str, dict]) -> List[dict]:
         variant = ing.off if ing.on == "nvfp4" else ing.on
         loss = variants.get(f"{variant} vs nvfp4")
         e = effects[ing.name]
-        ahead = e.paired.mean if ing.on != "nvfp4" else -e.paired.mean  # variant minus nvfp4
-        rows.append({"variant": variant, "ingredient": ing.name, "loss": loss, "lookahead": ahead, "effect": e,
+        flip = -1.0 if ing.on == "nvfp4" else 1.0  # the effect is with minus without; here variant minus nvfp4
+        low, high = sorted((flip * e.corrected.low, flip * e.corrected.high))
+        ahead = flip * e.paired.mean
+        rows.append({"variant": variant, "ingredient": ing.name, "loss": loss, "lookahead": ahead,
+                     "lookahead_low": low, "lookahead_high": high, "effect": e,
                      "agree": None if loss is None else (loss.paired.mean > 0) == (ahead > 0)})
     return rows
 
 
-def sr_crossover(record: dict, on: str = "nvfp4", off: str = "nvfp4_no_sr") -> Optional[float]:
-    """Estimated number of independent gradients averaged (by the optimizer, over steps)
-    beyond which stochastic rounding's smaller bias outweighs its larger spread:
-    ``(s_on^2 - s_off^2) / (b_off^2 - b_on^2)`` from the whole-model gradient's mean
-    squared relative spread ``s^2`` and bias ``b^2``. ``None`` when SR does not lower
-    the bias or does not raise the spread (no crossover). An estimate under a model in
-    which averaging ``n`` gradients divides the spread by ``n`` and leaves the bias.
+def sr_crossover(record: dict, level: str = "bwd", on: str = "nvfp4", off: str = "nvfp4_no_sr") -> dict:
+    """Estimated number of independent gradients that must be averaged (by the optimizer,
+    over steps) before stochastic rounding's smaller bias outweighs its larger spread:
+    ``n* = (s_on^2 - s_off^2) / (b_off^2 - b_on^2)``, from the squared relative spread
+    ``s^2`` and bias ``b^2`` of the backward GEMMs (``level="bwd"``) or of the whole-model
+    gradient (``"grad"``), as a ratio of means over the cells with its 95% delta-method
+    interval (:func:`~fp4lib.study.stats.ratio_of_means`).
+
+    Returns ``{"ratio", "spread_gain", "bias_gain"}``: the ratio (``None`` when either
+    mean difference is not positive: no crossover) and the two paired differences. The
+    ratio's interval means something only where ``bias_gain``'s interval excludes zero.
+    An estimate under a model in which averaging ``n`` gradients divides the spread by
+    ``n`` and leaves the bias.
     """
-    b_on = statistics.fmean(cell_values(record, on, "grad_bias2"))
-    b_off = statistics.fmean(cell_values(record, off, "grad_bias2"))
-    s_on = statistics.fmean(cell_values(record, on, "grad_spread2"))
-    s_off = statistics.fmean(cell_values(record, off, "grad_spread2"))
-    if b_off <= b_on or s_on <= s_off:
-        return None
-    return (s_on - s_off) / (b_off - b_on)
+    if level not in ("bwd", "grad"):
+        raise ValueError(f"level must be 'bwd' or 'grad', got {level!r}")
+    b = {r: cell_values(record, r, f"{level}_bias2") for r in (on, off)}
+    s = {r: cell_values(record, r, f"{level}_spread2") for r in (on, off)}
+    spread_gain = [a - c for a, c in zip(s[on], s[off])]
+    bias_gain = [c - a for a, c in zip(b[on], b[off])]
+    ps, pb = paired_difference(spread_gain), paired_difference(bias_gain)
+    ratio = ratio_of_means(spread_gain, bias_gain) if ps.mean > 0 and pb.mean > 0 else None
+    return {"ratio": ratio, "spread_gain": ps, "bias_gain": pb}
 
 
 def root(x: float) -> float:
