@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     ok = True
-    lines = [f"## GPU check (`make gpu-check`)", "", f"Machine: {machine()}.", ""]
+    lines = ["## GPU check (`make gpu-check`)", "", f"Machine: {machine()}.", ""]
 
     tests_ok = run_cuda_tests()
     ok &= tests_ok

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fp4lib import train
 from fp4lib.training import run as training

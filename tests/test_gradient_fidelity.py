@@ -1,8 +1,6 @@
 """The gradient-fidelity study: its estimators, its measurement on a tiny model, its record and check."""
 
 import copy
-import json
-import math
 import statistics
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """The fast quantize paths (fp4lib.numerics.kernels) must equal the plain-PyTorch reference bit for bit."""
 
 import logging
-import warnings
 
 import pytest
 import torch

@@ -16,7 +16,7 @@ from .check import load_results, require_results_dir, rerun_verdict, stale_resul
 from . import definition
 from .definition import Run
 from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest, training_entry
-from .provenance import code_hash, describe_environment, numeric_fingerprint, same_environment
+from .provenance import code_hash, describe_environment, same_environment
 from .runner import REFERENCE_KEYS, run_experiment
 from . import fidelity
 

@@ -19,6 +19,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..training.data import load_corpus
+from ..training.run import PRESETS
+from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest
+from .check import _current_corpus_sha, behaviour_problem, read_result
 from .gradients import FIDELITY, FIDELITY_CHECK, FidelityStudy, measure
 from .provenance import code_hash, describe_environment, machine_info, numeric_fingerprint, same_environment, torch_release
 
@@ -52,9 +56,6 @@ here: numbers that happen to agree closely in two environments differ by 50 to
 
 def make_record(study: FidelityStudy, backend: str = "auto", log: Callable[[str], None] = print, jobs: int = 1) -> dict:
     """Measure ``study`` and return its record with provenance."""
-    from ..training.data import load_corpus
-    from ..training.run import PRESETS
-    from .behaviour import canary_fingerprint, numerics_digest, training_digest
 
     hash_before = code_hash()
     threads = torch.get_num_threads()
@@ -87,7 +88,6 @@ def _write(path: Path, record: dict) -> None:
 
 def store_record(results_dir, record: dict) -> Path:
     """Write ``record`` (the slice's with its first reference) beside the loss study's results."""
-    from .behaviour import store_behaviour
 
     numerics, training = record.pop("digests")
     record["behaviour"] = store_behaviour(results_dir, numerics, record.pop("canary"), training)
@@ -100,8 +100,6 @@ def store_record(results_dir, record: dict) -> Path:
 
 def stale_fidelity(results_dir) -> Dict[str, str]:
     """Gradient-fidelity records that are missing or stale, with the reason (as the loss study's)."""
-    from .behaviour import load_behaviour
-    from .check import _current_corpus_sha, behaviour_problem, read_result
 
     results_dir = Path(results_dir)
     problem = behaviour_problem(results_dir)
@@ -183,7 +181,6 @@ def check_verdict(stored: dict, fresh: dict) -> Tuple[bool, str]:
 def add_reference(results_dir, fresh: dict) -> int:
     """Add (or replace) this environment's reference in the stored slice; the number of environments."""
     path = Path(results_dir) / f"{FIDELITY_CHECK.name}.json"
-    from .check import read_result
 
     stored = read_result(path)
     entry = {"fingerprint": fresh["fingerprint"], "numbers": flat_numbers(fresh["data"])}
@@ -195,7 +192,6 @@ def add_reference(results_dir, fresh: dict) -> int:
 
 def load_fidelity(results_dir, name: str = FIDELITY.name) -> Optional[dict]:
     """The stored record ``name`` (default the study), or ``None``."""
-    from .check import read_result
 
     path = Path(results_dir) / f"{name}.json"
     return read_result(path) if path.is_file() else None

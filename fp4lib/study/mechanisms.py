@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .stats import Paired, holm, paired_difference, ratio_of_means, seeds_needed
-from .verdicts import ALPHA
+from .verdicts import ALPHA, study_comparisons
 
 __all__ = ["QUANTITIES", "STATE_QUANTITIES", "Ingredient", "INGREDIENTS", "FAMILIES", "cell_values", "state_values",
            "recipe_summary", "Effect", "ingredient_effects", "loss_link", "sr_crossover"]
@@ -169,8 +169,6 @@ def loss_link(record: dict, results: Dict[str, dict]) -> List[dict]:
     """Per variant of nvfp4: the loss study's final-loss change over nvfp4 (percent,
     Holm-adjusted in its family) beside the look-ahead's change over nvfp4 (nats, mean and
     the look-ahead family's corrected interval), and whether their signs agree."""
-    from .verdicts import study_comparisons
-
     variants = study_comparisons(results).get("variants", {})
     effects = {e.ingredient.name: e for e in ingredient_effects(record)["lookahead"]}
     rows = []
