@@ -144,7 +144,7 @@ test: venv
 # under ATen's other CPU kernel sets, so that `check` is exact under each of them.
 experiments: venv
 	$(PY) -m fp4lib.study run --threads 1
-	$(PY) -m fp4lib.study gradients --threads 1
+	$(PY) -m fp4lib.study gradients --threads 1 --jobs 2
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study reference
 	if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
 	  ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(INDUCTOR_CACHE)/aten-avx2 $(PY) -m fp4lib.study reference; fi

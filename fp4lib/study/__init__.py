@@ -8,7 +8,7 @@
     python -m fp4lib.study run --stale           # only missing or stale results
     python -m fp4lib.study check                 # used by `make test`
     python -m fp4lib.study reference             # store this environment's re-run references
-    python -m fp4lib.study gradients             # the gradient-fidelity study (about an hour)
+    python -m fp4lib.study gradients --jobs 2    # the gradient-fidelity study (20 minutes on 2 cores)
 
 Each run (:data:`STUDY`) trains the tiny GPT with one recipe and seed and writes
 ``experiments/results/<name>.json``: final validation loss, the loss and

@@ -157,11 +157,14 @@ class Moments:
     --------
     >>> exact = torch.tensor([1.0, 0.0])
     >>> m = Moments(exact)
-    >>> for t in ([1.5, 0.5], [1.5, -0.5]):
+    >>> for t in ([1.5, 0.5], [1.5, -0.5], [1.5, 0.0]):
     ...     m.add(torch.tensor(t))
     >>> s = m.summary()
-    >>> round(s["bias2"], 3), round(s["spread2"], 3), round(s["error"], 4)
-    (0.125, 0.5, 0.7071)
+    >>> round(s["bias2"], 4), round(s["spread2"], 4), round(s["error"], 4)
+    (0.1667, 0.25, 0.6381)
+
+    Per draw, ``bias2 + spread2`` is the mean squared relative error over the draws
+    (the root-mean-square error, squared).
     """
 
     def __init__(self, exact: torch.Tensor):

@@ -1,13 +1,16 @@
 """The gradient-fidelity study's numbers as intervals and verdicts (chapter 5's mechanism section).
 
 A **cell** is one training state and one held-out batch; its value of a quantity is
-the mean over the draws of the random parts. Intervals are t intervals over the
-cells (the draws' noise is inside each cell's value), and an ingredient's effect is
-the paired difference, per cell, between the recipe with the ingredient and the
-one without it. The weights' quantities depend on the state alone and have one value
-per state. Within a family (one quantity, every ingredient) the p-values are
-Holm-adjusted and the intervals are Bonferroni-widened to ``1 - 0.05 / m``, so that
-an interval that excludes zero is a resolved effect at the family-wise 5% level.
+the mean over the draws of the random parts. The cells of one state share its
+parameters, and every state sees the same held-out batches, so the cells are not
+independent: the unit of the statistics is the **state** (:func:`unit_values`, the mean
+over its batches). Intervals are t intervals over the states, and an ingredient's
+effect is the paired difference, per state, between the recipe with the ingredient
+and the one without it. They describe the states of the runs measured, not training
+runs in general. Within a family (one quantity, every ingredient) the p-values are
+Bonferroni-adjusted (times ``m``) and the intervals widened to ``1 - 0.05 / m``, so
+that a verdict and its interval always agree: an interval that excludes zero is a
+resolved effect at the family-wise 5% level.
 
 Squared relative bias and spread are the quantities tested: the per-cell estimate
 of the squared bias is unbiased (:class:`~fp4lib.study.gradients.Moments`), its
@@ -21,10 +24,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .stats import Paired, holm, paired_difference, ratio_of_means, seeds_needed
+from .stats import Paired, paired_difference, ratio_of_means, seeds_needed
 from .verdicts import ALPHA, study_comparisons
 
-__all__ = ["QUANTITIES", "STATE_QUANTITIES", "Ingredient", "INGREDIENTS", "FAMILIES", "cell_values", "state_values",
+__all__ = ["QUANTITIES", "STATE_QUANTITIES", "Ingredient", "INGREDIENTS", "FAMILIES", "cell_values", "unit_values", "state_values",
            "recipe_summary", "Effect", "ingredient_effects", "loss_link", "sr_crossover"]
 
 
@@ -99,6 +102,16 @@ def cell_values(record: dict, recipe: str, quantity: str) -> List[float]:
     return [QUANTITIES[quantity](c["recipes"][recipe]) for c in cells]
 
 
+def unit_values(record: dict, recipe: str, quantity: str) -> List[float]:
+    """``quantity`` of ``recipe`` per state (the mean over the state's cells): the units of the statistics."""
+    if quantity in STATE_QUANTITIES:
+        return state_values(record, recipe, quantity)
+    by_state: Dict[str, List[float]] = {}
+    for c, v in zip(record["data"]["cells"], cell_values(record, recipe, quantity)):
+        by_state.setdefault(c["state"], []).append(v)
+    return [statistics.fmean(v) for v in by_state.values()]
+
+
 def state_values(record: dict, recipe: str, quantity: str) -> List[float]:
     """A weight quantity of ``recipe`` in every state of a stored record."""
     return [STATE_QUANTITIES[quantity](s["weights"][recipe]) for s in record["data"]["states"]]
@@ -111,24 +124,24 @@ def _interval(values: Sequence[float], level: float = 0.95) -> Paired:
 def recipe_summary(record: dict, quantities: Sequence[str] = ("cosine", "grad_error", "grad_bias2", "grad_spread2",
                                                                    "fprop_error", "dgrad_error", "wgrad_error",
                                                                    "lookahead")) -> List[dict]:
-    """Per recipe: each quantity's mean over cells with its 95% t interval (a :class:`Paired`)."""
+    """Per recipe: each quantity's mean over the states with its 95% t interval (a :class:`Paired`)."""
     recipes = list(record["data"]["cells"][0]["recipes"])
-    return [{"recipe": r, **{q: _interval(cell_values(record, r, q)) for q in quantities}} for r in recipes]
+    return [{"recipe": r, **{q: _interval(unit_values(record, r, q)) for q in quantities}} for r in recipes]
 
 
 @dataclass
 class Effect:
-    """An ingredient's effect on one quantity: with minus without, per cell, in one family."""
+    """An ingredient's effect on one quantity: with minus without, per state, in one family."""
 
     family: str
     ingredient: Ingredient
     quantity: str
     paired: Paired          # 95% interval
-    corrected: Paired       # Bonferroni-widened interval of the family
+    corrected: Paired       # the family's interval, widened to 1 - 0.05 / m
     p: Optional[float]
-    p_adj: Optional[float] = None
-    baseline: float = 0.0   # mean of the recipe without the ingredient
-    cells_needed: Optional[int] = None  # for an effect of 10% of ``baseline`` at 80% power
+    p_adj: Optional[float] = None  # Bonferroni: min(1, m p)
+    baseline: float = 0.0   # mean of the recipe without the ingredient (for the cosine: 1 - that mean)
+    states_needed: Optional[int] = None  # for an effect of 10% of ``baseline``, 80% power, at the family's level
 
     @property
     def resolved(self) -> bool:
@@ -143,24 +156,25 @@ class Effect:
 
 
 def ingredient_effects(record: dict) -> Dict[str, List[Effect]]:
-    """Family -> the effects of every ingredient (:data:`INGREDIENTS`), Holm-adjusted within it."""
+    """Family -> the effects of every ingredient (:data:`INGREDIENTS`), Bonferroni-adjusted within it."""
     out: Dict[str, List[Effect]] = {}
     m = len(INGREDIENTS)
     for family in FAMILIES:
         effects = []
         for ing in INGREDIENTS:
             q = ing.mechanism if family == "mechanism" else family
-            on, off = cell_values(record, ing.on, q), cell_values(record, ing.off, q)
+            on, off = unit_values(record, ing.on, q), unit_values(record, ing.off, q)
             diffs = [a - b for a, b in zip(on, off)]
             p = paired_difference(diffs)
-            effects.append(Effect(family, ing, q, p, paired_difference(diffs, 1 - ALPHA / m), p.p_value,
-                                  baseline=statistics.fmean(off)))
-        tested = [e for e in effects if e.p is not None]
-        for e, adj in zip(tested, holm([e.p for e in tested])):
-            e.p_adj = adj
-        for e in effects:  # the power of the ones left open
-            if not e.resolved and e.paired.sd and e.baseline:
-                e.cells_needed = seeds_needed(0.1 * e.baseline, e.paired.sd)
+            base = statistics.fmean(off)
+            if q == "cosine":  # a tenth of the cosine itself would be no small effect: use the distance 1 - cos
+                base = 1.0 - base
+            effects.append(Effect(family, ing, q, p, paired_difference(diffs, 1 - ALPHA / m), p.p_value, baseline=base))
+        for e in effects:
+            if e.p is not None:
+                e.p_adj = min(1.0, m * e.p)
+            if not e.resolved and e.paired.sd and e.baseline:  # the power of the ones left open
+                e.states_needed = seeds_needed(0.1 * e.baseline, e.paired.sd, level=1 - ALPHA / m)
         out[family] = effects
     return out
 
@@ -190,7 +204,7 @@ def sr_crossover(record: dict, level: str = "bwd", on: str = "nvfp4", off: str =
     over steps) before stochastic rounding's smaller bias outweighs its larger spread:
     ``n* = (s_on^2 - s_off^2) / (b_off^2 - b_on^2)``, from the squared relative spread
     ``s^2`` and bias ``b^2`` of the backward GEMMs (``level="bwd"``) or of the whole-model
-    gradient (``"grad"``), as a ratio of means over the cells with its 95% delta-method
+    gradient (``"grad"``), as a ratio of means over the states with its 95% delta-method
     interval (:func:`~fp4lib.study.stats.ratio_of_means`).
 
     Returns ``{"ratio", "spread_gain", "bias_gain"}``: the ratio (``None`` when either
@@ -201,8 +215,8 @@ def sr_crossover(record: dict, level: str = "bwd", on: str = "nvfp4", off: str =
     """
     if level not in ("bwd", "grad"):
         raise ValueError(f"level must be 'bwd' or 'grad', got {level!r}")
-    b = {r: cell_values(record, r, f"{level}_bias2") for r in (on, off)}
-    s = {r: cell_values(record, r, f"{level}_spread2") for r in (on, off)}
+    b = {r: unit_values(record, r, f"{level}_bias2") for r in (on, off)}
+    s = {r: unit_values(record, r, f"{level}_spread2") for r in (on, off)}
     spread_gain = [a - c for a, c in zip(s[on], s[off])]
     bias_gain = [c - a for a, c in zip(b[on], b[off])]
     ps, pb = paired_difference(spread_gain), paired_difference(bias_gain)
