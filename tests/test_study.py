@@ -160,7 +160,7 @@ def test_tolerance_mode_elsewhere_passes_within_the_band_and_fails_outside(tiny_
     # two environments, neither of them this one: the band comes from their difference
     rec["references"] = [_foreign(here, 1e-3), _foreign(here, -1e-3)]
     path.write_text(json.dumps(rec))
-    args = ["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"]
+    args = ["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused", "--runs-only"]
     assert study_main(args) == 0
     assert "mode tolerance" in capsys.readouterr().out
     # a run whose numbers are wrong (another seed: other weights, other batches) fails
@@ -255,9 +255,14 @@ def test_results_dir_missing_is_named(tmp_path):
 
 
 def test_check_passes_when_fresh_and_reproduced(tiny_study, capsys):
-    code = study_main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused"])
+    code = study_main(["--results", str(tiny_study), "check", "--rerun", "tiny_nvfp4", "--backend", "fused",
+                       "--runs-only"])
     out = capsys.readouterr().out
     assert code == 0 and "re-ran tiny_nvfp4: mode exact" in out and "reproduce bit for bit" in out
+    # Without --runs-only the gradient-fidelity records belong to the study too: missing here, so it fails.
+    code = study_main(["--results", str(tiny_study), "check", "--no-rerun"])
+    captured = capsys.readouterr()
+    assert code == 1 and "gradient-fidelity record(s) missing or stale: gradients: missing" in captured.err
 
 
 def test_check_fails_on_stale_or_changed_results(tiny_study, capsys):
