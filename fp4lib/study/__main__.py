@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import DEFAULT_RESULTS, DEFAULT_RUNS, __doc__ as STUDY_DOC
-from .check import load_results, require_results_dir, rerun_verdict, stale_results
+from .check import load_results, require_results_dir, rerun_verdict, stale_results, write_result
 from . import definition
 from .definition import Run
 from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest, training_entry
@@ -126,10 +125,7 @@ def cmd_reference(args) -> int:
     refs = [r for r in stored.get("references", [])
             if not same_environment(r.get("fingerprint") or {}, entry["fingerprint"])] + [entry]
     stored["references"] = refs
-    path = Path(args.results) / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stored, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_result(Path(args.results) / f"{name}.json", stored)
     print(f"{name}: stored the reference for {describe_environment(entry['fingerprint'])}; "
           f"{len(refs)} environment(s) now; final val_loss {entry['final_val_loss']:.6f}")
     stale = fidelity.stale_fidelity(args.results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -14,7 +15,7 @@ from .provenance import describe_environment, same_environment, torch_release
 from .runner import REFERENCE_KEYS
 
 __all__ = ["TOLERANCE_FACTOR", "TOLERANCE_FLOOR", "load_results", "read_result", "stale_results",
-           "behaviour_problem", "compare_losses", "tolerance_band", "rerun_verdict", "require_results_dir"]
+           "behaviour_problem", "record_problem", "write_result", "compare_losses", "tolerance_band", "rerun_verdict", "require_results_dir"]
 
 TOLERANCE_FACTOR = 2.0
 """Tolerance mode allows this many times the largest difference measured between the
@@ -113,6 +114,45 @@ def behaviour_problem(results_dir, training: bool = False) -> Optional[str]:
     return None
 
 
+def write_result(path, record: dict) -> None:
+    """Write a stored record as JSON, whole or not at all (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def record_problem(path: Path, definition_now: dict, preset: str, problem: Optional[str], current_id: Optional[str],
+                   corpus_sha: Dict[str, str], what: str = "run") -> Optional[str]:
+    """Why the stored record at ``path`` is missing or stale, or ``None`` (see :func:`stale_results`).
+
+    ``problem``: :func:`behaviour_problem`'s answer, computed once for every record;
+    ``current_id``: the stored behaviour id; ``corpus_sha``: a cache, preset -> the
+    current corpus's SHA-256; ``what``: what the definition defines, for the message.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        rec = read_result(path)
+    except ValueError as e:
+        return f"unreadable: {e}"
+    if problem:
+        return problem
+    if (rec.get("behaviour") or {}).get("id") != current_id:
+        return "made by code whose behaviour is not the stored study's (behaviour id differs)"
+    if torch_release(rec.get("torch", "")) != torch_release(torch.__version__):
+        return f"made with torch {rec.get('torch')}, here {torch.__version__}"
+    if rec.get("definition") != definition_now:
+        return f"the {what}'s definition changed"
+    if preset not in corpus_sha:
+        corpus_sha[preset] = _current_corpus_sha(preset)
+    if rec.get("corpus", {}).get("sha256") != corpus_sha[preset]:
+        return (f"made on another corpus ({rec.get('corpus', {}).get('name')}, sha256 "
+                f"{str(rec.get('corpus', {}).get('sha256'))[:12]}; here {corpus_sha[preset][:12]})")
+    return None
+
+
 def stale_results(results_dir, runs: Optional[Sequence[Run]] = None, training: bool = False) -> Dict[str, str]:
     """Runs whose stored result is missing or stale, with the reason (empty: all fresh).
 
@@ -128,36 +168,13 @@ def stale_results(results_dir, runs: Optional[Sequence[Run]] = None, training: b
     results_dir = require_results_dir(results_dir)
     problem = behaviour_problem(results_dir, training)
     current_id = (load_behaviour(results_dir) or {}).get("id")
-    release = torch_release(torch.__version__)
     corpus_sha: Dict[str, str] = {}
     problems = {}
     for run in runs:
-        path = results_dir / f"{run.name}.json"
-        if not path.is_file():
-            problems[run.name] = "missing"
-            continue
-        try:
-            rec = read_result(path)
-        except ValueError as e:
-            problems[run.name] = f"unreadable: {e}"
-            continue
-        if problem:
-            problems[run.name] = problem
-            continue
-        if (rec.get("behaviour") or {}).get("id") != current_id:
-            problems[run.name] = "made by code whose behaviour is not the stored study's (behaviour id differs)"
-            continue
-        if torch_release(rec.get("torch", "")) != release:
-            problems[run.name] = f"made with torch {rec.get('torch')}, here {torch.__version__}"
-            continue
-        if rec.get("definition") != run.definition():
-            problems[run.name] = "the run's definition changed"
-            continue
-        if run.preset not in corpus_sha:
-            corpus_sha[run.preset] = _current_corpus_sha(run.preset)
-        if rec.get("corpus", {}).get("sha256") != corpus_sha[run.preset]:
-            problems[run.name] = (f"made on another corpus ({rec.get('corpus', {}).get('name')}, sha256 "
-                                  f"{str(rec.get('corpus', {}).get('sha256'))[:12]}; here {corpus_sha[run.preset][:12]})")
+        why = record_problem(results_dir / f"{run.name}.json", run.definition(), run.preset, problem, current_id,
+                             corpus_sha)
+        if why:
+            problems[run.name] = why
     return problems
 
 

@@ -10,9 +10,7 @@ torch release, study definition and corpus.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -22,9 +20,9 @@ import torch
 from ..training.data import load_corpus
 from ..training.run import PRESETS
 from .behaviour import canary_fingerprint, load_behaviour, numerics_digest, store_behaviour, training_digest
-from .check import _current_corpus_sha, behaviour_problem, read_result
+from .check import behaviour_problem, read_result, record_problem, write_result
 from .gradients import FIDELITY, FIDELITY_CHECK, FidelityStudy, measure
-from .provenance import code_hash, describe_environment, machine_info, numeric_fingerprint, same_environment, torch_release
+from .provenance import code_hash, describe_environment, machine_info, numeric_fingerprint, same_environment
 
 __all__ = ["FIDELITY_FILES", "CHECK_BACKEND", "CHECK_FACTOR", "CHECK_FLOOR", "make_record", "store_record", "stale_fidelity",
            "flat_numbers", "check_verdict", "add_reference"]
@@ -79,13 +77,6 @@ def make_record(study: FidelityStudy, backend: str = "auto", log: Callable[[str]
     }
 
 
-def _write(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def store_record(results_dir, record: dict) -> Path:
     """Write ``record`` (the slice's with its first reference) beside the loss study's results."""
 
@@ -94,37 +85,22 @@ def store_record(results_dir, record: dict) -> Path:
     if record["name"] == FIDELITY_CHECK.name:
         record["references"] = [{"fingerprint": record["fingerprint"], "numbers": flat_numbers(record["data"])}]
     path = Path(results_dir) / f"{record['name']}.json"
-    _write(path, record)
+    write_result(path, record)
     return path
 
 
 def stale_fidelity(results_dir) -> Dict[str, str]:
     """Gradient-fidelity records that are missing or stale, with the reason (as the loss study's)."""
-
     results_dir = Path(results_dir)
     problem = behaviour_problem(results_dir)
     current_id = (load_behaviour(results_dir) or {}).get("id")
+    corpus_sha: Dict[str, str] = {}
     out = {}
     for name, study in FIDELITY_FILES.items():
-        path = results_dir / f"{name}.json"
-        if not path.is_file():
-            out[name] = "missing"
-            continue
-        try:
-            rec = read_result(path)
-        except ValueError as e:
-            out[name] = f"unreadable: {e}"
-            continue
-        if problem:
-            out[name] = problem
-        elif (rec.get("behaviour") or {}).get("id") != current_id:
-            out[name] = "made by code whose behaviour is not the stored study's (behaviour id differs)"
-        elif torch_release(rec.get("torch", "")) != torch_release(torch.__version__):
-            out[name] = f"made with torch {rec.get('torch')}, here {torch.__version__}"
-        elif rec.get("definition") != study.definition():
-            out[name] = "the study's definition changed"
-        elif rec.get("corpus", {}).get("sha256") != _current_corpus_sha(study.preset):
-            out[name] = "made on another corpus"
+        why = record_problem(results_dir / f"{name}.json", study.definition(), study.preset, problem, current_id,
+                             corpus_sha, what="study")
+        if why:
+            out[name] = why
     return out
 
 
@@ -186,7 +162,7 @@ def add_reference(results_dir, fresh: dict) -> int:
     entry = {"fingerprint": fresh["fingerprint"], "numbers": flat_numbers(fresh["data"])}
     refs = [r for r in stored.get("references", []) if not same_environment(r["fingerprint"], entry["fingerprint"])]
     stored["references"] = refs + [entry]
-    _write(path, stored)
+    write_result(path, stored)
     return len(stored["references"])
 
 

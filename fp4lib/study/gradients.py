@@ -42,7 +42,7 @@ import torch
 from ..training.apply import apply_recipe, quantized_layers
 from ..training.config import lr_at
 from ..training.layers import FP4Linear, FP4LinearFunction
-from ..training.loop import default_loss
+from ..training.loop import default_loss, make_optimizer
 from ..training.model import GPT
 from ..training.operands import concrete_backend, fake_quantize_operand, mix_seed
 from ..training.recipes import get_recipe
@@ -258,15 +258,6 @@ def _gemm_level(ops: dict, weights: Dict[str, torch.Tensor], spec, draws: int, b
     return out
 
 
-def _optimizer(model: GPT, preset: str) -> torch.optim.AdamW:
-    """AdamW with the trainer's parameter groups and settings."""
-    cfg = PRESETS[preset].train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
 def _lookahead(model: GPT, state: dict, grads: Dict[str, torch.Tensor], batches, preset: str) -> float:
     """Held-out float32 loss after one AdamW step from ``state`` with ``grads`` (clipped as in training)."""
     with torch.no_grad():
@@ -274,7 +265,7 @@ def _lookahead(model: GPT, state: dict, grads: Dict[str, torch.Tensor], batches,
             p.copy_(state["params"][n])
             p.grad = grads[n].clone()
     torch.nn.utils.clip_grad_norm_(model.parameters(), PRESETS[preset].train.grad_clip)
-    opt = _optimizer(model, preset)
+    opt = make_optimizer(model, PRESETS[preset].train)
     opt.load_state_dict(copy.deepcopy(state["optimizer"]))
     for group in opt.param_groups:
         group["lr"] = state["lr"]

@@ -31,20 +31,16 @@ __all__ = ["QUANTITIES", "STATE_QUANTITIES", "Ingredient", "INGREDIENTS", "FAMIL
            "recipe_summary", "Effect", "ingredient_effects", "loss_link", "sr_crossover"]
 
 
-def _layer_mean(values: Sequence[float]) -> float:
-    return statistics.fmean(values)
-
-
 QUANTITIES: Dict[str, Callable[[dict], float]] = {
     "cosine": lambda r: r["grad"]["model"]["cosine"],
     "grad_error": lambda r: r["grad"]["model"]["error"],
     "grad_bias2": lambda r: r["grad"]["model"]["bias2"],
     "grad_spread2": lambda r: r["grad"]["model"]["spread2"],
-    "fprop_error": lambda r: _layer_mean(r["gemm"]["fprop"]["error"]),
-    "dgrad_error": lambda r: _layer_mean(r["gemm"]["dgrad"]["error"]),
-    "wgrad_error": lambda r: _layer_mean(r["gemm"]["wgrad"]["error"]),
-    "bwd_bias2": lambda r: _layer_mean(r["gemm"]["dgrad"]["bias2"] + r["gemm"]["wgrad"]["bias2"]),
-    "bwd_spread2": lambda r: _layer_mean(r["gemm"]["dgrad"]["spread2"] + r["gemm"]["wgrad"]["spread2"]),
+    "fprop_error": lambda r: statistics.fmean(r["gemm"]["fprop"]["error"]),
+    "dgrad_error": lambda r: statistics.fmean(r["gemm"]["dgrad"]["error"]),
+    "wgrad_error": lambda r: statistics.fmean(r["gemm"]["wgrad"]["error"]),
+    "bwd_bias2": lambda r: statistics.fmean(r["gemm"]["dgrad"]["bias2"] + r["gemm"]["wgrad"]["bias2"]),
+    "bwd_spread2": lambda r: statistics.fmean(r["gemm"]["dgrad"]["spread2"] + r["gemm"]["wgrad"]["spread2"]),
     "lookahead": lambda r: statistics.fmean(r["grad"]["lookahead"]),
 }
 """Per-cell quantities of one recipe: the whole-model gradient's cosine similarity, mean
@@ -53,8 +49,8 @@ GEMM errors; the backward GEMMs' (dgrad and wgrad) squared relative bias and spr
 and the look-ahead loss difference (nats, recipe's step minus the exact step)."""
 
 STATE_QUANTITIES: Dict[str, Callable[[dict], float]] = {
-    "mismatch": lambda w: _layer_mean(w["fwd_bwd_mismatch"]),
-    "weight_error": lambda w: _layer_mean(w["weight_error"]),
+    "mismatch": lambda w: statistics.fmean(w["fwd_bwd_mismatch"]),
+    "weight_error": lambda w: statistics.fmean(w["weight_error"]),
 }
 """Per-state quantities of one recipe's weights: the relative distance between the forward
 and the dgrad GEMM's weight, and the forward weight's relative error (layer means)."""
@@ -117,16 +113,12 @@ def state_values(record: dict, recipe: str, quantity: str) -> List[float]:
     return [STATE_QUANTITIES[quantity](s["weights"][recipe]) for s in record["data"]["states"]]
 
 
-def _interval(values: Sequence[float], level: float = 0.95) -> Paired:
-    return paired_difference(values, level)
-
-
 def recipe_summary(record: dict, quantities: Sequence[str] = ("cosine", "grad_error", "grad_bias2", "grad_spread2",
                                                                    "fprop_error", "dgrad_error", "wgrad_error",
                                                                    "lookahead")) -> List[dict]:
     """Per recipe: each quantity's mean over the states with its 95% t interval (a :class:`Paired`)."""
     recipes = list(record["data"]["cells"][0]["recipes"])
-    return [{"recipe": r, **{q: _interval(unit_values(record, r, q)) for q in quantities}} for r in recipes]
+    return [{"recipe": r, **{q: paired_difference(unit_values(record, r, q)) for q in quantities}} for r in recipes]
 
 
 @dataclass

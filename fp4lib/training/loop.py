@@ -44,7 +44,7 @@ from . import checkpoint
 from .checkpoint import CHECKPOINT_FILE, METRICS_FILE, MANIFEST_FILE
 from .config import TrainConfig, lr_at
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "default_loss", "resolve_device"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "default_loss", "make_optimizer", "resolve_device"]
 
 EVAL_SEED = 1234  # the validation batches are the same in every run
 
@@ -62,6 +62,16 @@ class TrainingDiverged(RuntimeError):
 def default_loss(model: nn.Module, batch: Tuple[torch.Tensor, ...]) -> torch.Tensor:
     """``model(*batch)`` returning ``(logits, loss)``: the loss."""
     return model(*batch)[1]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device = torch.device("cpu")):
+    """The trainer's AdamW: weight decay on the tensors of two or more dimensions only, the
+    config's learning rate and betas, PyTorch's fused kernel on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.beta1, config.beta2), **({"fused": True} if device.type == "cuda" else {}))
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -151,13 +161,7 @@ class Trainer:
         self.precision = precision
         torch.manual_seed(config.seed)
         self.data_generator = torch.Generator().manual_seed(config.seed)
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(config.beta1, config.beta2),
-            **({"fused": True} if self.device.type == "cuda" else {}),
-        )
+        self.optimizer = make_optimizer(model, config, self.device)
         self.step = 0
         self.best_loss = math.inf
         self.train_losses: List[float] = []
