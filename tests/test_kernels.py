@@ -182,6 +182,29 @@ def _round_by_thresholds(s):
     return torch.copysign(q, s)
 
 
+def _round_stochastic_by_division(s, u):
+    """E2M1 stochastic rounding written with the divisions of the rule: lo = floor(m / step) * step,
+    up when u < (m - lo) / step."""
+    m = s.abs().clamp(max=6.0)
+    step = torch.where(m < 2.0, 0.5, torch.where(m < 4.0, 1.0, 2.0))
+    lo = torch.floor(m / step) * step
+    return torch.copysign(lo + torch.where(u < (m - lo) / step, step, 0.0), s)
+
+
+def test_round_stochastic_multiplies_by_the_reciprocal_with_the_same_bits():
+    # Every 251st float32 magnitude in [0, 6], every binade edge and grid point with its
+    # neighbours, subnormals, saturation, NaN, both signs; each with draws just below and
+    # at the probability of going up (all float32 magnitudes in [0, 6] agree: checked once).
+    top = int(torch.tensor(6.0).view(torch.int32))
+    sweep = torch.arange(0, top + 1, 251, dtype=torch.int32).view(torch.float32)
+    points = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 1e-45, 1.2e-38, float("nan")])
+    near = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(1e38))])
+    s = torch.cat([sweep, near, -near])
+    for u in (torch.rand(s.shape), torch.full(s.shape, 0.5), torch.zeros(s.shape)):
+        got = kernels._round_stochastic(s, u)
+        assert torch.equal(got.view(torch.int32), _round_stochastic_by_division(s, u).view(torch.int32))
+
+
 def test_round_nearest_matches_the_threshold_tests_bit_for_bit():
     # Every midpoint, grid point and binade edge with its float32 neighbours, subnormals,
     # saturation, infinities and NaN, both signs (all float32 inputs agree: checked once).

@@ -94,6 +94,48 @@ def test_four_over_six_picks_the_candidate_with_the_smaller_error_per_block():
     assert float(err.sum()) < float(standard)
 
 
+@pytest.mark.parametrize("layout", ["last axis", "first axis", "tile"])
+def test_four_over_six_error_sums_add_in_one_fixed_order(layout):
+    # The float64 sum of a block's errors adds the elements one after another along the
+    # block (a tile: along each row, then the row sums pairwise), whichever axis the blocks
+    # run along: the same numbers as Python's own float additions in that order.
+    from fp4lib.numerics.kernels import _round_nearest
+    from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 32, generator=g) * torch.rand(32, 1, generator=g).mul(20).exp2()
+    s_enc, s_dec = nvfp4_tensor_scale(x.abs().max(), 256.0)
+    if layout == "tile":
+        v, dims = x.view(2, 16, 2, 16), (1, 3)
+    elif layout == "last axis":
+        v, dims = x.view(32, 2, 16), (2,)
+    else:
+        v, dims = x.view(2, 16, 32), (1,)
+    amax_b = v.abs().amax(dim=dims, keepdim=True)
+    s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, target=4.0)
+    err = ((_round_nearest(v * s_enc_b) * s_dec_b - v * s_enc).double() ** 2).expand(v.shape)
+    got = _error_sum64(v, s_enc, s_dec_b, s_enc_b, dims, _round_nearest, "mse")
+    for idx in itertools.product(*(range(n) for n in got.shape)):
+        sel = tuple(slice(None) if d in dims else i for d, i in enumerate(idx))
+        e = err[sel]
+        if layout == "tile":
+            rows = []
+            for r in range(16):
+                acc = float(e[r, 0])
+                for c in range(1, 16):
+                    acc += float(e[r, c])
+                rows.append(acc)
+            while len(rows) > 1:
+                half = len(rows) // 2
+                rows = [rows[i] + rows[i + half] for i in range(half)]
+            want = rows[0]
+        else:
+            want = float(e[0])
+            for t in e[1:]:
+                want += float(t)
+        assert float(got[idx]) == want
+
+
 @pytest.mark.parametrize("rule", ["up", "4over6"])
 @pytest.mark.parametrize("tile", [False, True])
 def test_compiled_packed_quantize_matches_the_reference_for_each_rule(rule, tile):

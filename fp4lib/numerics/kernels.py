@@ -120,11 +120,17 @@ def _round_stochastic(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     The magnitude, clamped to [0, 6], lies between grid points ``lo`` and
     ``lo + step`` and goes up when ``u < (m - lo) / step``: exactly the rule of
     :func:`fp4lib.numerics.rounding.stochastic_round_index` (every operation here is exact).
+    The divisions by ``step`` are multiplications by its reciprocal ``inv``, a power of
+    two, which give the same bits: ``m * 2`` (below 2) cannot overflow, ``m * 0.5`` (from
+    4) and ``(m - lo) * 0.5`` (a multiple of ``2**-21`` there) cannot underflow, so every
+    product is the exact quotient.
     """
     m = s.abs().clamp(max=E2M1_MAX)
-    step = torch.where(m < _BINADE_2, 0.5, torch.where(m < _BINADE_4, 1.0, 2.0))
-    lo = torch.floor(m / step) * step
-    p_up = (m - lo) / step
+    small, middle = m < _BINADE_2, m < _BINADE_4
+    inv = torch.where(small, 2.0, torch.where(middle, 1.0, 0.5))
+    step = torch.where(small, 0.5, torch.where(middle, 1.0, 2.0))
+    lo = torch.floor(m * inv) * step
+    p_up = (m - lo) * inv
     q = lo + torch.where(u < p_up, step, 0.0)
     return torch.copysign(q, s)
 
@@ -433,6 +439,10 @@ def fake_quantize_fused(
 # the elements that reads them. The same operations on the same values: only where
 # results live changes. (Not for stage 2, where it would store the scaled operand.)
 _SCALES_OPTIONS = {"realize_reads_threshold": 1}
+# Stage 2 keeps everything in one loop nest: without this, Inductor stores the
+# stochastic-rounding decision (a long chain: the hash, then the rounding) in memory
+# and reads it back in a second loop, which ran several times slower on a CPU.
+_APPLY_OPTIONS = {"realize_opcount_threshold": 1000}
 
 
 class _CompiledFakeQuantize:
@@ -445,7 +455,7 @@ class _CompiledFakeQuantize:
 
     def __init__(self):
         stages = (compile_kernel(_stage_scales, dynamic=False, options=_SCALES_OPTIONS),
-                  compile_kernel(_stage_apply, dynamic=False))
+                  compile_kernel(_stage_apply, dynamic=False, options=_APPLY_OPTIONS))
         self.kernel = VerifiedCompiled(fake_quantize_fused, functools.partial(fake_quantize_fused, stages=stages))
 
     def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None, formula=None,

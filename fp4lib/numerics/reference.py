@@ -138,7 +138,7 @@ def _nvfp4_codes(x32: torch.Tensor, rounding: str, generator, uniforms, tile: bo
     s_enc, s_dec = nvfp4_tensor_scale(amax, NVFP4_4OVER6_SCALE_MAX if four_six else E4M3_MAX)
     blocks = block_view(x32, NVFP4_BLOCK_SIZE, tile)
     amax_b = blocks.abs().amax(dim=-1)
-    if four_six and formula == "te2026" and tile:  # the tile's rows and columns, for Transformer Engine's sum order
+    if four_six and tile:  # the tile's rows and columns, for the error sum's order
         rows = blocks.reshape(*blocks.shape[:-1], NVFP4_TILE, NVFP4_TILE)
         s_dec_b, s_enc_b = nvfp4_four_over_six(rows, amax_b[..., None, None], s_enc, s_dec, (-2, -1), _e2m1_nearest,
                                                metric, formula, amax)

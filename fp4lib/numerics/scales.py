@@ -264,9 +264,10 @@ def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.T
 
 
 def _te_sum(e: torch.Tensor, dims) -> torch.Tensor:
-    """Transformer Engine's float32 order for a block's error sum, keeping the block axes as size 1:
-    one element after another along the block (the last of two axes for a 16x16 tile), then a
-    tile's 16 row sums pairwise (rows i and i + 8, then i + 4, i + 2, i + 1)."""
+    """Transformer Engine's order for a block's error sum (float32 for ``"te2026"``, float64 for
+    ``"te2025"``), keeping the block axes as size 1: one element after another along the block
+    (the last of two axes for a 16x16 tile), then a tile's 16 row sums pairwise (rows i and
+    i + 8, then i + 4, i + 2, i + 1)."""
     dims = sorted(d % e.dim() for d in ((dims,) if isinstance(dims, int) else dims))
     along = dims[-1]
     acc = e.narrow(along, 0, 1)
@@ -279,6 +280,32 @@ def _te_sum(e: torch.Tensor, dims) -> torch.Tensor:
             n //= 2
             acc = acc.narrow(rows, 0, n) + acc.narrow(rows, n, n)
     return acc
+
+
+def _error_sum64(blocks: torch.Tensor, s_enc: torch.Tensor, s_dec_b: torch.Tensor, s_enc_b: torch.Tensor, dims,
+                 round_nearest: Callable[[torch.Tensor], torch.Tensor], metric: str) -> torch.Tensor:
+    """Four-over-six's ``"te2025"`` error of one candidate block scale, summed in float64 in
+    :func:`_te_sum`'s order (the block axes kept as size 1).
+
+    Each element's error ``q * S - x * s_enc`` is made in float32 and squared (or its
+    magnitude taken) in float64, exactly. The order of the sum is fixed, so every path
+    and device adds the same numbers in the same order. Two formulations, the same
+    operations on the same values: when the block axis is not the tensor's last (blocks
+    along the token axis), each element's error is made from its own slice and added as
+    it is made, which compiles to one pass without storing the errors.
+    """
+    def err(b):
+        e = (round_nearest(b * s_enc_b) * s_dec_b - b * s_enc).double()
+        return e.square() if metric == "mse" else e.abs()
+
+    dims = sorted(d % blocks.dim() for d in ((dims,) if isinstance(dims, int) else dims))
+    if len(dims) == 1 and dims[0] != blocks.dim() - 1:
+        along = dims[0]
+        acc = err(blocks.narrow(along, 0, 1))
+        for i in range(1, blocks.shape[along]):
+            acc = acc + err(blocks.narrow(along, i, 1))
+        return acc
+    return _te_sum(err(blocks), dims)
 
 
 def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor,
@@ -304,7 +331,10 @@ def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch
     with block scale ``S`` is summed in float64 over the block from
     ``q * S - x * s_enc``, where ``q * S`` is exact (an E2M1 value times an E4M3
     one): every term is computed exactly alike on every path, and no block of
-    finite float32 values overflows or underflows it.
+    finite float32 values overflows or underflows it. The terms are added in a
+    fixed order, one element after another along the block (a 16x16 tile: along
+    each row, then the 16 row sums pairwise, as :func:`_te_sum`), so that the sum,
+    and with it the choice in a near-tie, is the same on every path and device.
 
     ``formula="te2026"``: Transformer Engine's arithmetic, which ``amax`` (the
     tensor's amax, from which ``s_enc`` was computed) is needed for. The candidates
@@ -333,13 +363,10 @@ def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch
             d = ((round_nearest(blocks * s_enc_b) * s_dec_b) * amax) / denom - blocks
             errors.append(_te_sum(d * d if metric == "mse" else d.abs(), dims))
     else:
-        y = blocks * s_enc
         candidates = (nvfp4_block_scales(amax_b, s_enc, s_dec),
                       nvfp4_block_scales(amax_b, s_enc, s_dec, target=NVFP4_4OVER6_TARGET))
-        errors = []
-        for s_dec_b, s_enc_b in candidates:
-            e = (round_nearest(blocks * s_enc_b) * s_dec_b - y).double()
-            errors.append((e.square() if metric == "mse" else e.abs()).sum(dim=dims, keepdim=True))
+        errors = [_error_sum64(blocks, s_enc, s_dec_b, s_enc_b, dims, round_nearest, metric)
+                  for s_dec_b, s_enc_b in candidates]
     use4 = errors[1] < errors[0]
     (d6, e6), (d4, e4) = candidates
     return torch.where(use4, d4, d6), torch.where(use4, e4, e6)
