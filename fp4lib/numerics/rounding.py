@@ -98,7 +98,10 @@ def hash_uniform(index: torch.Tensor, seed_t: torch.Tensor) -> torch.Tensor:
     >>> bool(((u >= 0) & (u < 1)).all()), torch.equal(u, hash_uniform(torch.arange(4, dtype=torch.int32), seed_term(5)))
     (True, True)
     """
-    h = index * _wrap32(_GOLDEN) + seed_t
+    # The multiplier is a run-time tensor: a constant would be folded into a compiled kernel's
+    # index arithmetic, whose products overflow Triton's int32 constants on a GPU.
+    golden = (seed_t & 0) + _wrap32(_GOLDEN)
+    h = index * golden + seed_t
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * _wrap32(_MUL1)
     h = h ^ ((h >> 15) & 0x1FFFF)

@@ -5,7 +5,8 @@ operations that compile.
 
 Every division is a true float32 division on every device: a divisor that is a
 Python number is made a run-time tensor first (:func:`exact_constant`), since CUDA
-would multiply by its reciprocal instead.
+would multiply by its reciprocal instead, and so is the numerator of a reciprocal
+(``1.0 / t`` compiles to an approximate reciprocal on a GPU).
 """
 
 from __future__ import annotations
@@ -104,10 +105,13 @@ def bnb_scale_blocks(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     ``blocks``: float32 ``(..., block_size)``. Multiplying by the reciprocal (of
     the absmax clamped to at least 1e-38) is bitsandbytes' own arithmetic, which
-    is what makes the codes bit-identical to its ``quantize_4bit``.
+    is what makes the codes bit-identical to its ``quantize_4bit``. The reciprocal
+    is a true division of tensors, correctly rounded on every device (a compiled
+    ``1.0 / t`` is approximate on a GPU).
     """
     absmax = blocks.abs().amax(dim=-1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=BNB_ABSMAX_FLOOR)).unsqueeze(-1), -1, 1)
+    absmax_c = absmax.clamp(min=BNB_ABSMAX_FLOOR)
+    scaled = torch.clamp(blocks * (exact_constant(absmax_c, 1.0) / absmax_c).unsqueeze(-1), -1, 1)
     return scaled, absmax
 
 
@@ -158,7 +162,7 @@ def _current_scale(amax: torch.Tensor, top: float) -> Tuple[torch.Tensor, torch.
     # product with the reciprocal, one ulp off for about a quarter of amax values).
     s_enc = torch.where(amax > 0, torch.full_like(amax, top) / amax, torch.ones_like(amax))
     s_enc = s_enc.clamp(max=FLOAT32_MAX)
-    return s_enc, 1.0 / s_enc
+    return s_enc, exact_constant(s_enc, 1.0) / s_enc
 
 
 def nvfp4_tensor_scale(amax: torch.Tensor, scale_max: float = E4M3_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +219,7 @@ def _e4m3_scales(ideal: torch.Tensor, s_dec: torch.Tensor, rule: str) -> Tuple[t
     else:
         s_dec_b = ideal.to(torch.float8_e4m3fn).to(torch.float32)
     denom = s_dec_b * s_dec
-    s_enc_b = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom)).clamp(max=FLOAT32_MAX)
+    s_enc_b = torch.where(denom > 0, exact_constant(denom, 1.0) / denom, torch.zeros_like(denom)).clamp(max=FLOAT32_MAX)
     return s_dec_b, s_enc_b
 
 
