@@ -184,6 +184,8 @@ def test_the_scan_of_graphs_sees_a_constant_divisor():
 
     found = [b for gm in _graphs_of(f, torch.ones(4)) for b in _constant_divisors(gm)]
     assert len(found) == 3, found
+    assert sum("reciprocal" in b for b in found) == 1 and sum("by 6.0" in b for b in found) == 1, found
+    assert sum("full_like" in b for b in found) == 1, found
 
 
 # ----------------------------------------------------------------------------
@@ -230,15 +232,36 @@ def test_compiled_quantize_kernels_give_the_eager_bits(compiles):
     assert all(_same(a, b) for a, b in zip(fast, kernels._bnb_packed(blocks, mids, order)))
 
 
-def test_compiled_fake_quant_kernels_give_the_eager_bits(compiles):
-    x = _x()
-    stages = (compiling.compile_kernel(kernels._stage_scales, dynamic=False),
-              compiling.compile_kernel(kernels._stage_apply, dynamic=False))
+def _x_with_edges(seed=0):
+    """``_x`` with an all-zero block row, a row of tiny values (an amax near the float32
+    subnormals) and a row of signed zeros."""
+    x = _x(64, 128, seed=seed)
+    x[3] = 0.0
+    x[17] = x[17] * 2.0**-120
+    x[40] = -0.0
+    return x
+
+
+def test_compiled_fake_quant_kernels_give_the_eager_bits(compiles, device):
+    # Both stages compiled with the library's own options, on each device; the block scales
+    # of stage 1 compared bit for bit as well as the values (a scale one ulp off seldom
+    # changes a rounded value of a small tensor).
+    from fp4lib.numerics.schemes import resolve_scale_rule
+
+    x = _x_with_edges().to(device)
+    scales = compiling.compile_kernel(kernels._stage_scales, dynamic=False, options=kernels._SCALES_OPTIONS)
+    apply = compiling.compile_kernel(kernels._stage_apply, dynamic=False, options=kernels._APPLY_OPTIONS)
     for scheme, axis, rounding, tile, rule in FAKE_QUANT_CASES:
-        args = (x, seed_term(11), scheme, axis, rounding, tile, rule)
-        fast = kernels.fake_quantize_fused(*args, stages=stages)
+        if scheme in compiling.FLOAT8_SCHEMES and not compiling.float8_compiles(x.device):
+            continue
+        case = (scheme, axis, rounding, tile, rule)
+        stage_args = (x, scheme, axis, tile, resolve_scale_rule(scheme, rule), None, "te2025", "mse")
+        fast_scales, eager_scales = scales(*stage_args), kernels._stage_scales(*stage_args)
+        assert all(_same(a, b) for a, b in zip(fast_scales, eager_scales)), case
+        args = (x, seed_term(11, device), scheme, axis, rounding, tile, rule)
+        fast = kernels.fake_quantize_fused(*args, stages=(scales, apply))
         eager = kernels.fake_quantize_fused(*args)
-        assert all(_same(a, b) for a, b in zip(fast, eager)), (scheme, axis, rounding, tile, rule)
+        assert all(_same(a, b) for a, b in zip(fast, eager)), case
 
 
 # ----------------------------------------------------------------------------
@@ -271,6 +294,14 @@ def test_fake_quant_on_a_device_gives_the_cpu_bits(device, spec_args):
     for backend in ("reference", "fused", "compiled"):
         got = fake_quantize_operand(x.to(device), spec, axis, seed=99, backend=backend, factored=True)
         assert all(_same(a, b) for a, b in zip(got, ref)), backend
+    # The compiled kernel was trusted, not replaced by its eager formulation after a mismatch
+    # (which would also give the reference's bits).
+    from fp4lib.numerics.kernels import fake_quantize_compiled
+
+    verified = getattr(fake_quantize_compiled(), "kernel", None)
+    if verified is not None:
+        fell_back = {k: why for k, why in verified.fallback.items() if k[-1] == device}
+        assert not fell_back, fell_back
 
 
 def test_float8_kernels_compile_on_the_cpu():

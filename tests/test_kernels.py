@@ -193,14 +193,19 @@ def _round_stochastic_by_division(s, u):
 
 def test_round_stochastic_multiplies_by_the_reciprocal_with_the_same_bits():
     # Every 251st float32 magnitude in [0, 6], every binade edge and grid point with its
-    # neighbours, subnormals, saturation, NaN, both signs; each with draws just below and
-    # at the probability of going up (all float32 magnitudes in [0, 6] agree: checked once).
+    # neighbours, subnormals, saturation, NaN, both signs; each with draws exactly at and
+    # just below its probability of going up, and others (all float32 magnitudes in [0, 6]
+    # agree: checked once).
     top = int(torch.tensor(6.0).view(torch.int32))
     sweep = torch.arange(0, top + 1, 251, dtype=torch.int32).view(torch.float32)
     points = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 1e-45, 1.2e-38, float("nan")])
     near = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(1e38))])
     s = torch.cat([sweep, near, -near])
-    for u in (torch.rand(s.shape), torch.full(s.shape, 0.5), torch.zeros(s.shape)):
+    m = s.abs().clamp(max=6.0)
+    step = torch.where(m < 2.0, 0.5, torch.where(m < 4.0, 1.0, 2.0))
+    p_up = (m - torch.floor(m / step) * step) / step  # the division form's probability of going up
+    at, below = p_up.nan_to_num(0.5), torch.nextafter(p_up.nan_to_num(0.5), torch.tensor(0.0))
+    for u in (at, below, torch.rand(s.shape), torch.full(s.shape, 0.5), torch.zeros(s.shape)):
         got = kernels._round_stochastic(s, u)
         assert torch.equal(got.view(torch.int32), _round_stochastic_by_division(s, u).view(torch.int32))
 

@@ -103,7 +103,8 @@ def test_four_over_six_error_sums_add_in_one_fixed_order(layout):
     from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales
 
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(32, 32, generator=g) * torch.rand(32, 1, generator=g).mul(20).exp2()
+    # Each element its own magnitude (2**-20 to 2**20): the block sums depend on their order.
+    x = torch.randn(32, 32, generator=g) * torch.rand(32, 32, generator=g).mul(40).sub(20).exp2()
     s_enc, s_dec = nvfp4_tensor_scale(x.abs().max(), 256.0)
     if layout == "tile":
         v, dims = x.view(2, 16, 2, 16), (1, 3)
@@ -115,6 +116,7 @@ def test_four_over_six_error_sums_add_in_one_fixed_order(layout):
     s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, target=4.0)
     err = ((_round_nearest(v * s_enc_b) * s_dec_b - v * s_enc).double() ** 2).expand(v.shape)
     got = _error_sum64(v, s_enc, s_dec_b, s_enc_b, dims, _round_nearest, "mse")
+    pairwise_differs = 0
     for idx in itertools.product(*(range(n) for n in got.shape)):
         sel = tuple(slice(None) if d in dims else i for d, i in enumerate(idx))
         e = err[sel]
@@ -133,7 +135,13 @@ def test_four_over_six_error_sums_add_in_one_fixed_order(layout):
             want = float(e[0])
             for t in e[1:]:
                 want += float(t)
+        terms = [float(t) for t in e.reshape(-1)]
+        while len(terms) > 1:  # another order, halves added pairwise
+            half = len(terms) // 2
+            terms = [terms[i] + terms[i + half] for i in range(half)]
+        pairwise_differs += terms[0] != want
         assert float(got[idx]) == want
+    assert pairwise_differs >= 3  # the data tell the orders apart
 
 
 @pytest.mark.parametrize("rule", ["up", "4over6"])

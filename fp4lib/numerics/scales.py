@@ -268,10 +268,10 @@ def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.T
 
 
 def _te_sum(e: torch.Tensor, dims) -> torch.Tensor:
-    """Transformer Engine's order for a block's error sum (float32 for ``"te2026"``, float64 for
-    ``"te2025"``), keeping the block axes as size 1: one element after another along the block
-    (the last of two axes for a 16x16 tile), then a tile's 16 row sums pairwise (rows i and
-    i + 8, then i + 4, i + 2, i + 1)."""
+    """A block's error sum in Transformer Engine's order (in float32 for ``"te2026"``, as
+    Transformer Engine sums; in float64 for ``"te2025"``), keeping the block axes as size 1:
+    one element after another along the block (the last of two axes for a 16x16 tile), then
+    a tile's 16 row sums pairwise (rows i and i + 8, then i + 4, i + 2, i + 1)."""
     dims = sorted(d % e.dim() for d in ((dims,) if isinstance(dims, int) else dims))
     along = dims[-1]
     acc = e.narrow(along, 0, 1)
