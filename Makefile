@@ -132,8 +132,8 @@ browser-check: venv chromium
 
 test: venv
 	$(MAKE) chromium
-	$(MAKE) unit
-	$(MAKE) experiments-check
+	# The unit tests and the study's check side by side (the check runs its training at one thread).
+	$(MAKE) -j2 --output-sync=target unit experiments-check
 	# The notebooks under the machine's own CPU kernels and under ATen's portable ones,
 	# side by side (each is mostly one busy core; each has its own kernel cache).
 	$(MAKE) -j2 --output-sync=target nbval cross-kernel
