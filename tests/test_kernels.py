@@ -210,6 +210,21 @@ def test_round_stochastic_multiplies_by_the_reciprocal_with_the_same_bits():
         assert torch.equal(got.view(torch.int32), _round_stochastic_by_division(s, u).view(torch.int32))
 
 
+def test_round_magnitude_matches_round_nearest_on_every_magnitude():
+    # Four-over-six's errors round magnitudes by adding and subtracting a shifted
+    # constant; for every m >= 0 the bits of _round_nearest (all nonnegative float32
+    # checked once; here a sweep of them, every midpoint, grid point and binade edge with
+    # its neighbours, subnormals, saturation and infinity). NaN stays NaN.
+    top = 0x7F800000  # +inf
+    sweep = torch.arange(0, top + 1, 4099, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e30,
+                           1e-45, 1.2e-38, float("inf")])
+    near = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(1e38))])
+    m = torch.cat([sweep, near])
+    assert torch.equal(kernels._round_magnitude(m).view(torch.int32), kernels._round_nearest(m).view(torch.int32))
+    assert kernels._round_magnitude(torch.tensor([float("nan")])).isnan().all()
+
+
 def test_round_nearest_matches_the_threshold_tests_bit_for_bit():
     # Every midpoint, grid point and binade edge with its float32 neighbours, subnormals,
     # saturation, infinities and NaN, both signs (all float32 inputs agree: checked once).

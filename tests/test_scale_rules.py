@@ -94,12 +94,16 @@ def test_four_over_six_picks_the_candidate_with_the_smaller_error_per_block():
     assert float(err.sum()) < float(standard)
 
 
+@pytest.mark.parametrize("rounding", ["signed", "magnitude"])
 @pytest.mark.parametrize("layout", ["last axis", "first axis", "tile"])
-def test_four_over_six_error_sums_add_in_one_fixed_order(layout):
+def test_four_over_six_error_sums_add_in_one_fixed_order(layout, rounding):
     # The float64 sum of a block's errors adds the elements one after another along the
     # block (a tile: along each row, then the row sums pairwise), whichever axis the blocks
-    # run along: the same numbers as Python's own float additions in that order.
-    from fp4lib.numerics.kernels import _round_nearest
+    # run along: the same numbers as Python's own float additions in that order. The sums
+    # make each error from the element's magnitude; the errors here are made from the
+    # signed values, so this also checks that the two give the same squares, with the
+    # kernels' signed rounding and with their magnitude-only one.
+    from fp4lib.numerics.kernels import _round_magnitude, _round_nearest
     from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales
 
     g = torch.Generator().manual_seed(5)
@@ -115,7 +119,8 @@ def test_four_over_six_error_sums_add_in_one_fixed_order(layout):
     amax_b = v.abs().amax(dim=dims, keepdim=True)
     s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, target=4.0)
     err = ((_round_nearest(v * s_enc_b) * s_dec_b - v * s_enc).double() ** 2).expand(v.shape)
-    got = _error_sum64(v, s_enc, s_dec_b, s_enc_b, dims, _round_nearest, "mse")
+    got = _error_sum64(v, s_enc, s_dec_b, s_enc_b, dims, _round_nearest if rounding == "signed" else _round_magnitude,
+                       "mse")
     pairwise_differs = 0
     for idx in itertools.product(*(range(n) for n in got.shape)):
         sel = tuple(slice(None) if d in dims else i for d, i in enumerate(idx))

@@ -296,10 +296,12 @@ def _error_sum64(blocks: torch.Tensor, s_enc: torch.Tensor, s_dec_b: torch.Tenso
     and device adds the same numbers in the same order. Two formulations, the same
     operations on the same values: when the block axis is not the tensor's last (blocks
     along the token axis), each element's error is made from its own slice and added as
-    it is made, which compiles to one pass without storing the errors.
+    it is made, which compiles to one pass without storing the errors. The error is made
+    from the element's magnitude ``|x|``, as :func:`nvfp4_four_over_six` says.
     """
     def err(b):
-        e = (round_nearest(b * s_enc_b) * s_dec_b - b * s_enc).double()
+        a = b.abs()
+        e = (round_nearest(a * s_enc_b) * s_dec_b - a * s_enc).double()
         return e.square() if metric == "mse" else e.abs()
 
     dims = sorted(d % blocks.dim() for d in ((dims,) if isinstance(dims, int) else dims))
@@ -326,7 +328,11 @@ def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch
     maximum to 4 trades range for the finer steps below 4. ``blocks``: the tensor's
     blocks in float32, ``amax_b`` their maxima broadcastable against them, ``dims``
     the block axes (two for a 16x16 tile: its rows, then its columns),
-    ``round_nearest`` E2M1 round-to-nearest-even on values. The tensor's scales
+    ``round_nearest`` E2M1 round-to-nearest-even on values, which is only given
+    magnitudes: every error below is made from ``|x|`` instead of ``x``, which gives the
+    same error with its sign dropped, since the grid, its rounding and each float32
+    operation here are symmetric about zero (a zero error may lose its sign, which
+    neither its square nor its magnitude keeps). The tensor's scales
     must come from ``nvfp4_tensor_scale(amax, 256)`` so that both candidates fit
     E4M3. A tie, or a NaN error, keeps 6.
 
@@ -363,8 +369,9 @@ def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch
                       _e4m3_scales((base * NVFP4_4OVER6_EXPAND).clamp(max=E4M3_MAX), s_dec, "nearest"))
         denom = exact_constant(blocks, E2M1_MAX * NVFP4_4OVER6_SCALE_MAX)
         errors = []
+        mags = blocks.abs()
         for s_dec_b, s_enc_b in candidates:
-            d = ((round_nearest(blocks * s_enc_b) * s_dec_b) * amax) / denom - blocks
+            d = ((round_nearest(mags * s_enc_b) * s_dec_b) * amax) / denom - mags
             errors.append(_te_sum(d * d if metric == "mse" else d.abs(), dims))
     else:
         candidates = (nvfp4_block_scales(amax_b, s_enc, s_dec),
