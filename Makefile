@@ -35,7 +35,7 @@ CROSS_KERNEL_ENV := ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(INDUCT
 # no root, npm or network beyond PyPI is needed.
 MATHJAX := book/_static/mathjax/tex-chtml.js
 
-.PHONY: help venv venv-plain plain-guard mathjax book read test unit nbval build-book build-book-stored browser-check experiments-check cross-kernel experiments benchmark gpu-check chromium notebooks clean
+.PHONY: help venv venv-plain plain-guard mathjax book read test unit nbval build-book build-book-stored browser-check experiments-check study-checks cross-kernel cross-kernel-check cross-kernel-nbval experiments benchmark gpu-check chromium notebooks clean
 
 help:
 	@echo "make book         build the executed book into _build/html"
@@ -124,19 +124,31 @@ experiments-check: venv
 # needs Jupyter Book, myst-nb or Sphinx, or a package its setup cell does not install,
 # fails this pass.
 cross-kernel: venv plain-guard
+	$(MAKE) cross-kernel-check
+	$(MAKE) cross-kernel-nbval
+
+cross-kernel-check: venv
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study check
+
+cross-kernel-nbval: venv plain-guard
 	$(CROSS_KERNEL_ENV) $(PLAIN_PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# The study's check under the machine's CPU kernels, then under ATen's portable ones.
+study-checks: venv
+	$(MAKE) experiments-check
+	$(MAKE) cross-kernel-check
 
 browser-check: venv chromium
 	$(PY) tests/browser_check.py _build/html
 
 test: venv
 	$(MAKE) chromium
-	# The unit tests and the study's check side by side (the check runs its training at one thread).
-	$(MAKE) -j2 --output-sync=target unit experiments-check
+	# The unit tests beside the study's checks under both sets of CPU kernels (the checks
+	# run their training at one thread).
+	$(MAKE) -j2 --output-sync=target unit study-checks
 	# The notebooks under the machine's own CPU kernels and under ATen's portable ones,
 	# side by side (each is mostly one busy core; each has its own kernel cache).
-	$(MAKE) -j2 --output-sync=target nbval cross-kernel
+	$(MAKE) -j2 --output-sync=target nbval cross-kernel-nbval
 	$(MAKE) build-book-stored
 	$(MAKE) browser-check
 
