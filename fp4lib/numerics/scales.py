@@ -267,16 +267,18 @@ def nvfp4_block_scales(amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.T
     return _e4m3_scales(ideal, s_dec, rule)
 
 
-def _te_sum(e: torch.Tensor, dims) -> torch.Tensor:
+def _te_sum(e: torch.Tensor, dims, term: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """A block's error sum in Transformer Engine's order (in float32 for ``"te2026"``, as
     Transformer Engine sums; in float64 for ``"te2025"``), keeping the block axes as size 1:
     one element after another along the block (the last of two axes for a 16x16 tile), then
-    a tile's 16 row sums pairwise (rows i and i + 8, then i + 4, i + 2, i + 1)."""
+    a tile's 16 row sums pairwise (rows i and i + 8, then i + 4, i + 2, i + 1). ``term``:
+    applied to each element before it is added (``e`` itself when ``None``)."""
+    term = term or (lambda t: t)
     dims = sorted(d % e.dim() for d in ((dims,) if isinstance(dims, int) else dims))
     along = dims[-1]
-    acc = e.narrow(along, 0, 1)
+    acc = term(e.narrow(along, 0, 1))
     for i in range(1, e.shape[along]):
-        acc = acc + e.narrow(along, i, 1)
+        acc = acc + term(e.narrow(along, i, 1))
     if len(dims) == 2:
         rows = dims[0]
         n = acc.shape[rows]
@@ -299,19 +301,22 @@ def _error_sum64(blocks: torch.Tensor, s_enc: torch.Tensor, s_dec_b: torch.Tenso
     it is made, which compiles to one pass without storing the errors. The error is made
     from the element's magnitude ``|x|``, as :func:`nvfp4_four_over_six` says.
     """
-    def err(b):
+    def err32(b):
         a = b.abs()
-        e = (round_nearest(a * s_enc_b) * s_dec_b - a * s_enc).double()
+        return round_nearest(a * s_enc_b) * s_dec_b - a * s_enc
+
+    def term(e):
+        e = e.double()
         return e.square() if metric == "mse" else e.abs()
 
     dims = sorted(d % blocks.dim() for d in ((dims,) if isinstance(dims, int) else dims))
     if len(dims) == 1 and dims[0] != blocks.dim() - 1:
         along = dims[0]
-        acc = err(blocks.narrow(along, 0, 1))
+        acc = term(err32(blocks.narrow(along, 0, 1)))
         for i in range(1, blocks.shape[along]):
-            acc = acc + err(blocks.narrow(along, i, 1))
+            acc = acc + term(err32(blocks.narrow(along, i, 1)))
         return acc
-    return _te_sum(err(blocks), dims)
+    return _te_sum(err32(blocks), dims, term)
 
 
 def nvfp4_four_over_six(blocks: torch.Tensor, amax_b: torch.Tensor, s_enc: torch.Tensor, s_dec: torch.Tensor,
