@@ -144,8 +144,8 @@ browser-check: venv chromium
 test: venv
 	$(MAKE) chromium
 	# The unit tests beside the study's checks under both sets of CPU kernels (the checks
-	# run their training at one thread).
-	$(MAKE) -j2 --output-sync=target unit study-checks
+	# run their training at one thread), then the plain environment of the second pass.
+	$(MAKE) -j2 --output-sync=target unit study-checks plain-guard
 	# The notebooks under the machine's own CPU kernels and under ATen's portable ones,
 	# side by side (each is mostly one busy core; each has its own kernel cache).
 	$(MAKE) -j2 --output-sync=target nbval cross-kernel-nbval
