@@ -223,6 +223,29 @@ def test_round_magnitude_matches_round_nearest_on_every_magnitude():
     m = torch.cat([sweep, near])
     assert torch.equal(kernels._round_magnitude(m).view(torch.int32), kernels._round_nearest(m).view(torch.int32))
     assert kernels._round_magnitude(torch.tensor([float("nan")])).isnan().all()
+    # The shift is added in float32 even where torch's default dtype is float64.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = kernels._round_magnitude(near)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), kernels._round_nearest(near).view(torch.int32))
+
+
+def test_e2m1_roundings_are_symmetric_about_zero():
+    # Four-over-six makes its errors from magnitudes, which gives the signed errors' squares
+    # only if every rounding it may be given maps -x to minus the rounding of x: ties,
+    # saturation and the zero code included.
+    from fp4lib.numerics.reference import _e2m1_nearest
+
+    points = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e30,
+                           1e-45, 1.2e-38, float("inf")])
+    near = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(1e38))])
+    x = torch.cat([near, torch.randn(100_000) * 3])
+    for rounding in (kernels._round_nearest, _e2m1_nearest):
+        assert torch.equal(rounding(-x).view(torch.int32), (-rounding(x)).view(torch.int32)), rounding.__name__
 
 
 def test_round_nearest_matches_the_threshold_tests_bit_for_bit():

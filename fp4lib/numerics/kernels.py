@@ -122,7 +122,7 @@ _SHIFT_SMALL, _SHIFT_MIDDLE, _SHIFT_LARGE = 1.5 * 2.0**23 * 0.5, 1.5 * 2.0**23, 
 def _round_magnitude(m: torch.Tensor) -> torch.Tensor:
     """E2M1 round-to-nearest-even of nonnegative float32 ``m`` (saturating at 6), for
     four-over-six's errors, which need only magnitudes: the bits of :func:`_round_nearest`
-    for every ``m >= 0`` (checked for all of them), NaN staying NaN.
+    for +0 and every positive ``m`` (checked for all of them), NaN staying NaN (and -0 giving +0).
 
     ``m`` clamped to 6, plus a shift ``1.5 * 2**23 * step`` (``step`` the grid spacing of
     ``m``'s binade: 0.5, 1 or 2) lies in the binade whose unit in the last place is
@@ -133,6 +133,7 @@ def _round_magnitude(m: torch.Tensor) -> torch.Tensor:
     """
     m = m.clamp(max=E2M1_MAX)
     shift = torch.where(m < _BINADE_2, _SHIFT_SMALL, torch.where(m < _BINADE_4, _SHIFT_MIDDLE, _SHIFT_LARGE))
+    shift = shift.to(m.dtype)  # the sum must round in m's precision, whatever torch's default dtype
     return (m + shift) - shift
 
 
