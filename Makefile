@@ -113,7 +113,7 @@ unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
 nbval: venv
-	$(PY) -m pytest -q -p no:cacheprovider --nbval book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
+	PYTHONPATH=tests $(PY) -m pytest -q -p no:cacheprovider -p nbval_cells --nbval book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 experiments-check: venv
 	$(PY) -m fp4lib.study check
@@ -131,7 +131,7 @@ cross-kernel-check: venv
 	$(CROSS_KERNEL_ENV) $(PY) -m fp4lib.study check
 
 cross-kernel-nbval: venv plain-guard
-	$(CROSS_KERNEL_ENV) $(PLAIN_PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(CROSS_KERNEL_ENV) PYTHONPATH=tests $(PLAIN_PY) -m pytest -q -p no:cacheprovider -p nbval_cells --nbval --nbval-current-env book/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 # The study's check under the machine's CPU kernels, then under ATen's portable ones.
 study-checks: venv
