@@ -311,11 +311,7 @@ def _error_sum64(blocks: torch.Tensor, s_enc: torch.Tensor, s_dec_b: torch.Tenso
 
     dims = sorted(d % blocks.dim() for d in ((dims,) if isinstance(dims, int) else dims))
     if len(dims) == 1 and dims[0] != blocks.dim() - 1:
-        along = dims[0]
-        acc = term(err32(blocks.narrow(along, 0, 1)))
-        for i in range(1, blocks.shape[along]):
-            acc = acc + term(err32(blocks.narrow(along, i, 1)))
-        return acc
+        return _te_sum(blocks, dims, lambda b: term(err32(b)))
     return _te_sum(err32(blocks), dims, term)
 
 
