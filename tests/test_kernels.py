@@ -106,19 +106,20 @@ def test_compiled_path_matches_reference():
 
 
 @pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
-def test_tiled_four_over_six_kernel_compiled_for_any_shape_matches_eager():
+@pytest.mark.parametrize("formula", ["te2025", "te2026"])
+def test_tiled_four_over_six_kernel_compiled_for_any_shape_matches_eager(formula):
     # quantize's kernel compiles the first shape as it is and later ones for any shape.
     # Four-over-six's tile sums once came out of such a compile with their reduced axis
     # broadcast against the tile's 16 rows: each row took another tile's choice of scale.
-    # (Both formulas add a tile's sums in the same function; one compile covers it.)
+    # Both formulas (their graphs differ), and a tensor of a single row of tiles.
     from fp4lib.numerics.compiling import compile_kernel
 
     kernel = compile_kernel(kernels._e2m1_packed, dynamic=True)
     g = torch.Generator().manual_seed(4)
-    for shape in [(32, 64), (64, 64), (48, 128)]:
+    for shape in [(32, 64), (64, 64), (48, 128), (16, 32)]:
         x = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g).mul(8).exp2()
-        got = kernel(x, "nvfp4", "4over6", True, "te2025", "mse")
-        want = kernels._e2m1_packed(x, "nvfp4", "4over6", True, "te2025", "mse")
+        got = kernel(x, "nvfp4", "4over6", True, formula, "mse")
+        want = kernels._e2m1_packed(x, "nvfp4", "4over6", True, formula, "mse")
         for a, b in zip(got, want):
             assert torch.equal(_bits(a.reshape(-1)), _bits(b.reshape(-1))), shape
 

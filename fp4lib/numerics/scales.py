@@ -285,11 +285,11 @@ def _te_sum(e: torch.Tensor, dims, term: Optional[Callable[[torch.Tensor], torch
         while n > 1:
             n //= 2
             acc = acc.narrow(rows, 0, n) + acc.narrow(rows, n, n)
-        # The one sum left, as itself (the maximum of one value), on an axis that is now
-        # literally of size 1: with dynamic shapes Inductor carries the tile's 16 rows as
-        # an expression of the tensor's (rows // (rows // 16)), cannot show that the
-        # narrowed axis has size 1, and then broadcast it wrongly against the tile.
-        acc = acc.amax(dim=rows, keepdim=True)
+        # The one sum left, taken out and put back on an axis that is now literally of
+        # size 1: with dynamic shapes Inductor carries the tile's 16 rows as an expression
+        # of the tensor's (rows // (rows // 16)), cannot show that the narrowed axis has
+        # size 1, and then broadcast it wrongly against the tile.
+        acc = acc.select(rows, 0).unsqueeze(rows)
     return acc
 
 
