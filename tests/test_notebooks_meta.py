@@ -212,7 +212,7 @@ def test_timing_cells_are_not_compared(notebook):
 def test_cells_listed_as_not_compared_exist():
     # A renamed or deleted cell id would silently bring a machine-dependent output back into the comparison.
     for name, ids in IGNORE_OUTPUT.items():
-        nb = nbformat.read(Path(__file__).resolve().parents[1] / "book" / name, as_version=4)
+        nb = nbformat.read(ROOT / "book" / name, as_version=4)
         missing = ids - {c.get("id") for c in nb.cells if c.cell_type == "code"}
         assert not missing, (name, missing)
 
