@@ -124,6 +124,75 @@ def test_tiled_four_over_six_kernel_compiled_for_any_shape_matches_eager(formula
             assert torch.equal(_bits(a.reshape(-1)), _bits(b.reshape(-1))), shape
 
 
+def _order_sensitive(shape, seed):
+    """Each element its own magnitude (2**-20 to 2**20): a block's error sums depend on their order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * torch.rand(shape, generator=g).mul(40).sub(20).exp2()
+
+
+def test_four_over_six_error_sums_across_blocks_are_the_last_axis_sums():
+    # _across_blocks lays each 16 neighbouring blocks of the last axis out transposed, so
+    # that the error sums run along the middle axis: every block's float64 sum must be the
+    # one made along the last axis, bit for bit (the same terms, added in the same order).
+    from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales, nvfp4_tensor_scale
+
+    x = _order_sensitive((32, 64), 6)
+    last = x.view(32, 4, 16)
+    across = kernels._across_blocks(x)
+    assert across.shape == (8, 16, 16) and torch.equal(across[1, :, 3], x.view(-1, 16)[16 + 3].abs())
+    s_enc, s_dec = nvfp4_tensor_scale(x.abs().max(), 256.0)
+    amax_b = last.abs().amax(dim=2, keepdim=True)
+    for target in (6.0, 4.0):
+        s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, target=target)
+        want = _error_sum64(last, s_enc, s_dec_b, s_enc_b, 2, kernels._round_magnitude, "mse")
+        got = _error_sum64(across, s_enc, s_dec_b.reshape(8, 1, 16), s_enc_b.reshape(8, 1, 16), 1,
+                           kernels._round_magnitude, "mse")
+        assert torch.equal(got.reshape(-1).view(torch.int64), want.reshape(-1).view(torch.int64))
+
+
+@pytest.mark.parametrize("formula", ["te2025", "te2026"])
+@pytest.mark.parametrize("metric", ["mse", "mae"])
+def test_four_over_six_scales_from_blocks_across_equal_the_block_views(formula, metric):
+    x = _order_sensitive((48, 128), 7)
+    args = (x, "nvfp4", 1, False, "4over6", None, formula, metric)
+    want = kernels._stage_scales(*args)
+    got = kernels._stage_scales(*args, kernels._across_blocks(x))
+    assert got[0].shape == want[0].shape == (48, 8, 1)
+    for a, b in zip(got, want):
+        assert torch.equal(_bits(a), _bits(b))
+    with pytest.raises(ValueError, match="only for NVFP4 blocks along axis 1"):
+        kernels._stage_scales(x, "nvfp4", 0, False, "4over6", None, formula, metric, kernels._across_blocks(x))
+
+
+@pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
+def test_compiled_four_over_six_along_the_last_axis_sums_across_blocks_with_the_eager_bits(monkeypatch):
+    # The compiled training kernel takes the transposed copy for four-over-six along the last
+    # axis where the tensor holds whole groups of 16 blocks (here 48 x 128), and the plain block
+    # view otherwise (24 x 16: 24 blocks); the eager formulation's bits either way, and
+    # trusted (no fallback).
+    from fp4lib.numerics.rounding import seed_term
+
+    copies = []
+    real = kernels._CompiledFakeQuantize.__init__
+
+    def spy(self):
+        real(self)
+        across = self.across
+        self.across = lambda x: copies.append(tuple(x.shape)) or across(x)
+
+    monkeypatch.setattr(kernels._CompiledFakeQuantize, "__init__", spy)
+    fq = kernels._CompiledFakeQuantize()
+    for shape in [(48, 128), (24, 16)]:
+        x = _order_sensitive(shape, 8)
+        for rounding in ("nearest", "stochastic"):
+            for formula, metric in (("te2025", "mse"), ("te2026", "mae")):
+                args = (x, seed_term(3), "nvfp4", 1, rounding, False, "4over6", None, formula, metric)
+                got, want = fq(*args), kernels.fake_quantize_fused(*args)
+                assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+    assert set(copies) == {(48, 128)}
+    assert not fq.kernel.fallback, fq.kernel.fallback
+
+
 def test_auto_uses_the_fast_path_only_where_it_pays_and_applies(monkeypatch):
     calls = []
     real = kernels.quantize_packed

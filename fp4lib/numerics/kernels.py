@@ -18,10 +18,11 @@ time, rounding by comparisons and ``torch.round`` instead of ``bucketize``, and 
 
 What keeps the training kernel fast: blocks along axis 0 (the token axis of the
 Wgrad GEMM) are a ``(rows // b, b, cols)`` view reduced over the middle axis, so no
-transposed copy; the stochastic-rounding draws are a hash computed in the kernel,
-so no noise tensor and no generator state; and the block reductions and the
-elementwise work are compiled as two kernels (fused into one loop nest they ran
-several times slower).
+transposed copy (four-over-six along the last axis is the one case that makes one,
+:func:`_across_blocks`, so that its error sums vectorize); the stochastic-rounding
+draws are a hash computed in the kernel, so no noise tensor and no generator state;
+and the block reductions and the elementwise work are compiled as two kernels (fused
+into one loop nest they ran several times slower).
 
 Compiling, and checking what was compiled before trusting it: :mod:`fp4lib.numerics.compiling`.
 ``tests/test_kernels.py`` checks every kernel against its reference bit for bit;
@@ -325,8 +326,27 @@ def _operand_blocks(x: torch.Tensor, axis: int, block: int, tile: bool):
     return x.view(rows // block, block, cols), (1,)
 
 
+_GROUP = 16  # blocks transposed together by _across_blocks: one vector register of float32
+
+
+def _across_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in NVFP4 blocks along x's last axis, every 16 neighbouring blocks transposed.
+
+    Shape ``(x.numel() // 256, 16, 16)``: element ``i`` of block ``16 * g + j`` (blocks
+    numbered in memory order) sits at ``[g, i, j]``. A block's elements then run along
+    the middle axis, as blocks along axis 0 do, and a per-block sum over them runs in
+    vector registers across 16 blocks, in the block's own element order. Along the last
+    axis, a sum over a block's 16 elements one after another is a scalar loop per block
+    (Inductor's C++ code does not vectorize the stride-16 reads). Four-over-six's block
+    scales, whose error sums have a fixed order, took 55 to 65% of the time from this
+    copy, the copy included (4096 x 128 to 4096 x 512, one thread). It is made by its own
+    compiled call: inside one graph, Inductor folds the transposition back into the sums'
+    reads."""
+    return x.reshape(-1, _GROUP, NVFP4_BLOCK_SIZE).abs().transpose(1, 2).contiguous()
+
+
 def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rule: str, tensor_amax=None,
-                  formula: str = "te2025", metric: str = "mse"):
+                  formula: str = "te2025", metric: str = "mse", across: Optional[torch.Tensor] = None):
     """Stage 1 (reductions): ``(enc, dec_block, dec_tensor, finite)`` for :func:`_stage_apply`.
 
     Per-tensor: ``enc = dec_block = amax / 6`` (x is divided by it). FP8: the
@@ -334,12 +354,20 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
     ``s_enc_b``, ``s_dec_b`` per block (under ``scale_rule``) and the tensor's ``s_dec``.
     ``tensor_amax``: a group's amax for the per-tensor scale instead of x's own. Block tensors have the block view's shape with the
     reduced axes kept as size 1. ``finite``: 0-d bool, False when x holds NaN/Inf.
+    ``across``: for NVFP4 blocks along axis 1 (not tiles), x's magnitudes as
+    :func:`_across_blocks` lays them out, to compute the scales from instead of x's
+    blocks: the same operations on the same values in the same order.
     """
     family = _FAMILY[scheme]
     if family in ("tensor", "fp8"):
         amax = x.abs().amax()
     else:  # the block maxima first; the tensor's is their maximum (the same value, one pass fewer over x)
-        v, dims = _operand_blocks(x, axis, _BLOCK[scheme], tile)
+        if across is not None:
+            if family != "nv" or axis != 1 or tile:
+                raise ValueError("across: only for NVFP4 blocks along axis 1, without tiles")
+            v, dims = across, (1,)
+        else:
+            v, dims = _operand_blocks(x, axis, _BLOCK[scheme], tile)
         amax_b = v.abs().amax(dim=dims, keepdim=True)
         amax = amax_b.amax()
     finite = torch.isfinite(amax)
@@ -356,6 +384,9 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
         e = mx_scale_exponents(amax_b, scale_rule)
         return pow2(-e), pow2(e), None, finite
     s_dec_b, s_enc_b, s_dec = _nvfp4_scales(v, amax_b, dims, amax, scale_rule, formula, metric)
+    if across is not None:  # (groups, 1, 16) -> the block view's (rows, cols // 16, 1): the same memory order
+        rows, cols = x.shape
+        s_enc_b, s_dec_b = (t.reshape(rows, cols // NVFP4_BLOCK_SIZE, 1) for t in (s_enc_b, s_dec_b))
     return s_enc_b, s_dec_b, s_dec, finite
 
 
@@ -480,9 +511,18 @@ class _CompiledFakeQuantize:
     """
 
     def __init__(self):
-        stages = (compile_kernel(_stage_scales, dynamic=False, options=_SCALES_OPTIONS),
-                  compile_kernel(_stage_apply, dynamic=False, options=_APPLY_OPTIONS))
+        self.scales = compile_kernel(_stage_scales, dynamic=False, options=_SCALES_OPTIONS)
+        self.across = compile_kernel(_across_blocks, dynamic=False)
+        stages = (self._scales, compile_kernel(_stage_apply, dynamic=False, options=_APPLY_OPTIONS))
         self.kernel = VerifiedCompiled(fake_quantize_fused, functools.partial(fake_quantize_fused, stages=stages))
+
+    def _scales(self, x, scheme, axis, tile, scale_rule, *rest):
+        # Four-over-six along the last axis on a CPU: its error sums from a transposed copy
+        # (see _across_blocks). On a GPU, the formulation that was checked there.
+        if (scale_rule == ScaleRule.FOUR_OVER_SIX and axis == 1 and not tile and x.device.type == "cpu"
+                and x.numel() % (_GROUP * NVFP4_BLOCK_SIZE) == 0):
+            return self.scales(x, scheme, axis, tile, scale_rule, *rest, self.across(x))
+        return self.scales(x, scheme, axis, tile, scale_rule, *rest)
 
     def __call__(self, x, seed_t, scheme, axis, rounding, tile=False, scale_rule=None, tensor_amax=None, formula=None,
                  metric=None):
