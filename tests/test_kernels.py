@@ -160,8 +160,9 @@ def test_four_over_six_scales_from_blocks_across_equal_the_block_views(formula, 
     assert got[0].shape == want[0].shape == (48, 8, 1)
     for a, b in zip(got, want):
         assert torch.equal(_bits(a), _bits(b))
-    with pytest.raises(ValueError, match="only for NVFP4 blocks along axis 1"):
-        kernels._stage_scales(x, "nvfp4", 0, False, "4over6", None, formula, metric, kernels._across_blocks(x))
+    for wrong in [("nvfp4", 0, False, "4over6"), ("nvfp4", 1, True, "4over6"), ("fp8_e4m3", 1, False, None)]:
+        with pytest.raises(ValueError, match="only for NVFP4 blocks along axis 1"):
+            kernels._stage_scales(x, *wrong, None, formula, metric, kernels._across_blocks(x))
 
 
 @pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
@@ -169,7 +170,7 @@ def test_compiled_four_over_six_along_the_last_axis_sums_across_blocks_with_the_
     # The compiled training kernel takes the transposed copy for four-over-six along the last
     # axis where the tensor holds whole groups of 16 blocks (here 48 x 128), and the plain block
     # view otherwise (24 x 16: 24 blocks); the eager formulation's bits either way, and
-    # trusted (no fallback).
+    # trusted (no fallback). Also with a group's amax given, and on a NaN after verification.
     from fp4lib.numerics.rounding import seed_term
 
     copies = []
@@ -182,15 +183,19 @@ def test_compiled_four_over_six_along_the_last_axis_sums_across_blocks_with_the_
 
     monkeypatch.setattr(kernels._CompiledFakeQuantize, "__init__", spy)
     fq = kernels._CompiledFakeQuantize()
-    for shape in [(48, 128), (24, 16)]:
+    cases = [((48, 128), "nearest", None, "te2025", "mse"), ((48, 128), "stochastic", None, "te2026", "mae"),
+             ((48, 128), "nearest", torch.tensor(2.0**23), "te2025", "mse"), ((24, 16), "nearest", None, "te2025", "mse")]
+    for shape, rounding, group_amax, formula, metric in cases:
         x = _order_sensitive(shape, 8)
-        for rounding in ("nearest", "stochastic"):
-            for formula, metric in (("te2025", "mse"), ("te2026", "mae")):
-                args = (x, seed_term(3), "nvfp4", 1, rounding, False, "4over6", None, formula, metric)
-                got, want = fq(*args), kernels.fake_quantize_fused(*args)
-                assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+        args = (x, seed_term(3), "nvfp4", 1, rounding, False, "4over6", group_amax, formula, metric)
+        got, want = fq(*args), kernels.fake_quantize_fused(*args)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want)), (shape, rounding, formula)
     assert set(copies) == {(48, 128)}
     assert not fq.kernel.fallback, fq.kernel.fallback
+    x = _order_sensitive((48, 128), 9)
+    x[5, 17] = float("nan")
+    values, _ = fq(x, seed_term(3), "nvfp4", 1, "nearest", False, "4over6", None, "te2025", "mse")
+    assert torch.isnan(values).all()
 
 
 def test_auto_uses_the_fast_path_only_where_it_pays_and_applies(monkeypatch):

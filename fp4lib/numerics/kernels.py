@@ -18,11 +18,11 @@ time, rounding by comparisons and ``torch.round`` instead of ``bucketize``, and 
 
 What keeps the training kernel fast: blocks along axis 0 (the token axis of the
 Wgrad GEMM) are a ``(rows // b, b, cols)`` view reduced over the middle axis, so no
-transposed copy (four-over-six along the last axis is the one case that makes one,
-:func:`_across_blocks`, so that its error sums vectorize); the stochastic-rounding
-draws are a hash computed in the kernel, so no noise tensor and no generator state;
-and the block reductions and the elementwise work are compiled as two kernels (fused
-into one loop nest they ran several times slower).
+transposed copy (four-over-six along the last axis on a CPU is the one case that makes
+one, :func:`_across_blocks`, in a third compiled call, so that its error sums
+vectorize); the stochastic-rounding draws are a hash computed in the kernel, so no
+noise tensor and no generator state; and the block reductions and the elementwise work
+are compiled as two kernels (fused into one loop nest they ran several times slower).
 
 Compiling, and checking what was compiled before trusting it: :mod:`fp4lib.numerics.compiling`.
 ``tests/test_kernels.py`` checks every kernel against its reference bit for bit;
@@ -326,7 +326,7 @@ def _operand_blocks(x: torch.Tensor, axis: int, block: int, tile: bool):
     return x.view(rows // block, block, cols), (1,)
 
 
-_GROUP = 16  # blocks transposed together by _across_blocks: one vector register of float32
+_GROUP = 16  # blocks transposed together by _across_blocks: 16 lanes, an AVX-512 register of float32
 
 
 def _across_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -338,8 +338,8 @@ def _across_blocks(x: torch.Tensor) -> torch.Tensor:
     vector registers across 16 blocks, in the block's own element order. Along the last
     axis, a sum over a block's 16 elements one after another is a scalar loop per block
     (Inductor's C++ code does not vectorize the stride-16 reads). Four-over-six's block
-    scales, whose error sums have a fixed order, took 55 to 65% of the time from this
-    copy, the copy included (4096 x 128 to 4096 x 512, one thread). It is made by its own
+    scales, whose error sums have a fixed order, took about 52 to 64% of the time from
+    this copy, the copy included (4096 x 128 to 4096 x 512, one thread). It is made by its own
     compiled call: inside one graph, Inductor folds the transposition back into the sums'
     reads."""
     return x.reshape(-1, _GROUP, NVFP4_BLOCK_SIZE).abs().transpose(1, 2).contiguous()
@@ -359,12 +359,12 @@ def _stage_scales(x: torch.Tensor, scheme: str, axis: int, tile: bool, scale_rul
     blocks: the same operations on the same values in the same order.
     """
     family = _FAMILY[scheme]
+    if across is not None and (family != "nv" or axis != 1 or tile):
+        raise ValueError("across: only for NVFP4 blocks along axis 1, without tiles")
     if family in ("tensor", "fp8"):
         amax = x.abs().amax()
     else:  # the block maxima first; the tensor's is their maximum (the same value, one pass fewer over x)
         if across is not None:
-            if family != "nv" or axis != 1 or tile:
-                raise ValueError("across: only for NVFP4 blocks along axis 1, without tiles")
             v, dims = across, (1,)
         else:
             v, dims = _operand_blocks(x, axis, _BLOCK[scheme], tile)
@@ -518,7 +518,8 @@ class _CompiledFakeQuantize:
 
     def _scales(self, x, scheme, axis, tile, scale_rule, *rest):
         # Four-over-six along the last axis on a CPU: its error sums from a transposed copy
-        # (see _across_blocks). On a GPU, the formulation that was checked there.
+        # (see _across_blocks). A GPU keeps the plain block view, the formulation that
+        # the GPU check ran.
         if (scale_rule == ScaleRule.FOUR_OVER_SIX and axis == 1 and not tile and x.device.type == "cpu"
                 and x.numel() % (_GROUP * NVFP4_BLOCK_SIZE) == 0):
             return self.scales(x, scheme, axis, tile, scale_rule, *rest, self.across(x))
