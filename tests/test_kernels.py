@@ -9,6 +9,7 @@ from fp4lib import BNB_FP4, quantize
 from fp4lib.numerics import compiling, kernels
 from fp4lib.numerics import quantize as quantize_module
 from fp4lib.numerics.compiling import VerifiedCompiled, compile_works
+from test_scale_rules import order_sensitive
 
 SHAPES = [(4096,), (64, 48), (7, 13), (3, 1000), (1,), (130,)]
 BLOCK_SHAPES = [(4, 64), (3, 5, 32), (64, 96), (1, 32)]
@@ -112,9 +113,7 @@ def test_tiled_four_over_six_kernel_compiled_for_any_shape_matches_eager(formula
     # Four-over-six's tile sums once came out of such a compile with their reduced axis
     # broadcast against the tile's 16 rows: each row took another tile's choice of scale.
     # Both formulas (their graphs differ), and a tensor of a single row of tiles.
-    from fp4lib.numerics.compiling import compile_kernel
-
-    kernel = compile_kernel(kernels._e2m1_packed, dynamic=True)
+    kernel = compiling.compile_kernel(kernels._e2m1_packed, dynamic=True)
     g = torch.Generator().manual_seed(4)
     for shape in [(32, 64), (64, 64), (48, 128), (16, 32)]:
         x = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g).mul(8).exp2()
@@ -124,19 +123,13 @@ def test_tiled_four_over_six_kernel_compiled_for_any_shape_matches_eager(formula
             assert torch.equal(_bits(a.reshape(-1)), _bits(b.reshape(-1))), shape
 
 
-def _order_sensitive(shape, seed):
-    """Each element its own magnitude (2**-20 to 2**20): a block's error sums depend on their order."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * torch.rand(shape, generator=g).mul(40).sub(20).exp2()
-
-
 def test_four_over_six_error_sums_across_blocks_are_the_last_axis_sums():
     # _across_blocks lays each 16 neighbouring blocks of the last axis out transposed, so
     # that the error sums run along the middle axis: every block's float64 sum must be the
     # one made along the last axis, bit for bit (the same terms, added in the same order).
     from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales, nvfp4_tensor_scale
 
-    x = _order_sensitive((32, 64), 6)
+    x = order_sensitive((32, 64), 6)
     last = x.view(32, 4, 16)
     across = kernels._across_blocks(x)
     assert across.shape == (8, 16, 16) and torch.equal(across[1, :, 3], x.view(-1, 16)[16 + 3].abs())
@@ -153,7 +146,7 @@ def test_four_over_six_error_sums_across_blocks_are_the_last_axis_sums():
 @pytest.mark.parametrize("formula", ["te2025", "te2026"])
 @pytest.mark.parametrize("metric", ["mse", "mae"])
 def test_four_over_six_scales_from_blocks_across_equal_the_block_views(formula, metric):
-    x = _order_sensitive((48, 128), 7)
+    x = order_sensitive((48, 128), 7)
     args = (x, "nvfp4", 1, False, "4over6", None, formula, metric)
     want = kernels._stage_scales(*args)
     got = kernels._stage_scales(*args, kernels._across_blocks(x))
@@ -186,13 +179,13 @@ def test_compiled_four_over_six_along_the_last_axis_sums_across_blocks_with_the_
     cases = [((48, 128), "nearest", None, "te2025", "mse"), ((48, 128), "stochastic", None, "te2026", "mae"),
              ((48, 128), "nearest", torch.tensor(2.0**23), "te2025", "mse"), ((24, 16), "nearest", None, "te2025", "mse")]
     for shape, rounding, group_amax, formula, metric in cases:
-        x = _order_sensitive(shape, 8)
+        x = order_sensitive(shape, 8)
         args = (x, seed_term(3), "nvfp4", 1, rounding, False, "4over6", group_amax, formula, metric)
         got, want = fq(*args), kernels.fake_quantize_fused(*args)
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want)), (shape, rounding, formula)
     assert set(copies) == {(48, 128)}
     assert not fq.kernel.fallback, fq.kernel.fallback
-    x = _order_sensitive((48, 128), 9)
+    x = order_sensitive((48, 128), 9)
     x[5, 17] = float("nan")
     values, _ = fq(x, seed_term(3), "nvfp4", 1, "nearest", False, "4over6", None, "te2025", "mse")
     assert torch.isnan(values).all()

@@ -94,6 +94,12 @@ def test_four_over_six_picks_the_candidate_with_the_smaller_error_per_block():
     assert float(err.sum()) < float(standard)
 
 
+def order_sensitive(shape, seed):
+    """Each element its own magnitude (2**-20 to 2**20): a block's error sums depend on their order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * torch.rand(shape, generator=g).mul(40).sub(20).exp2()
+
+
 @pytest.mark.parametrize("rounding", ["signed", "magnitude"])
 @pytest.mark.parametrize("layout", ["last axis", "first axis", "tile"])
 def test_four_over_six_error_sums_add_in_one_fixed_order(layout, rounding):
@@ -106,9 +112,7 @@ def test_four_over_six_error_sums_add_in_one_fixed_order(layout, rounding):
     from fp4lib.numerics.kernels import _round_magnitude, _round_nearest
     from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales
 
-    g = torch.Generator().manual_seed(5)
-    # Each element its own magnitude (2**-20 to 2**20): the block sums depend on their order.
-    x = torch.randn(32, 32, generator=g) * torch.rand(32, 32, generator=g).mul(40).sub(20).exp2()
+    x = order_sensitive((32, 32), 5)
     s_enc, s_dec = nvfp4_tensor_scale(x.abs().max(), 256.0)
     if layout == "tile":
         v, dims = x.view(2, 16, 2, 16), (1, 3)
