@@ -276,3 +276,16 @@ def test_bnb_roundtrip_helper(bnb):
     packed, state, out = bnb_roundtrip(x, "nf4", 64)
     assert torch.equal(out, quantize(x, "nf4").dequantize())
     assert out.shape == (3, 48)
+
+
+def test_importing_bitsandbytes_drops_the_cuda_notice_of_its_compiles(bnb, monkeypatch):
+    # bitsandbytes compiles its CPU dequantize of a tensor that does not fill its blocks;
+    # a CUDA build of torch on a machine without a GPU then logs a CUDA_HOME notice, which
+    # would land in the chapters' compared outputs. import_bitsandbytes drops it, as
+    # fp4lib's own compiles do.
+    import fp4lib.engines.bnb as bridge
+
+    calls = []
+    monkeypatch.setattr(bridge, "_quiet_cuda_notice", lambda: calls.append(1))
+    bridge.import_bitsandbytes()
+    assert calls == [1]

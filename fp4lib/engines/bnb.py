@@ -3,7 +3,8 @@ bitsandbytes' own 4-bit quantize/dequantize on the tensor's device.
 
 bitsandbytes is imported lazily (``import fp4lib`` does not need it) and its
 harmless CPU start-up message ("Failed to load CPU gemm_4bit_forward from
-kernels-community") is silenced. Chapter 2 of the book uses this module.
+kernels-community") is silenced, as is torch's CUDA_HOME notice when its compiles run
+in a CUDA build of torch on a machine without a GPU. Chapter 2 of the book uses this module.
 
 The seed tutorial's ``bnb.quantize_fp4`` does not exist: the functions live in
 ``bitsandbytes.functional`` (``quantize_4bit(x, quant_type="fp4")`` or
@@ -19,6 +20,7 @@ from typing import Tuple
 
 import torch
 
+from ..numerics.compiling import _quiet_cuda_notice
 from ..numerics.constants import BNB_NESTED_BLOCK_SIZE
 from ..numerics.tensor import NestedAbsmax, QuantizedTensor
 
@@ -31,8 +33,13 @@ _SCHEME = {"fp4": "bnb_fp4", "nf4": "nf4"}
 def import_bitsandbytes():
     """Import ``bitsandbytes.functional`` with its start-up log messages silenced.
 
+    Also drops the CUDA_HOME notice that a CUDA build of torch logs on a machine without
+    a GPU when bitsandbytes' CPU functions compile their kernels (``dequantize_4bit`` of
+    a tensor that does not fill its blocks, for one), as fp4lib's own compiles do.
+
     Raises ``ImportError`` with an install hint when bitsandbytes is missing.
     """
+    _quiet_cuda_notice()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as F
