@@ -167,14 +167,15 @@ def test_compiled_four_over_six_along_the_last_axis_sums_across_blocks_with_the_
     from fp4lib.numerics.rounding import seed_term
 
     copies = []
-    real = kernels._CompiledFakeQuantize.__init__
+    real = kernels.compile_kernel
 
-    def spy(self):
-        real(self)
-        across = self.across
-        self.across = lambda x: copies.append(tuple(x.shape)) or across(x)
+    def spy(fn, *args, **kwargs):
+        compiled = real(fn, *args, **kwargs)
+        if fn.__name__ != "_across_blocks":
+            return compiled
+        return lambda x: copies.append(tuple(x.shape)) or compiled(x)
 
-    monkeypatch.setattr(kernels._CompiledFakeQuantize, "__init__", spy)
+    monkeypatch.setattr(kernels, "compile_kernel", spy)
     fq = kernels._CompiledFakeQuantize()
     cases = [((48, 128), "nearest", None, "te2025", "mse"), ((48, 128), "stochastic", None, "te2026", "mae"),
              ((48, 128), "nearest", torch.tensor(2.0**23), "te2025", "mse"), ((24, 16), "nearest", None, "te2025", "mse")]
@@ -244,6 +245,62 @@ def test_a_kernel_whose_bits_differ_is_not_trusted(caplog):
     good = VerifiedCompiled(eager, eager)
     good.call(("k",), "fine", x)
     assert ("k",) in good.verified
+
+
+def test_a_call_may_bring_its_own_compiled_function_and_is_verified_all_the_same(caplog):
+    def eager(x):
+        return (x * 2,)
+
+    k = VerifiedCompiled(eager, eager)
+    x = torch.randn(8)
+    with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.compiling"):
+        out = k.call(("own",), "own kernel", x, compiled=lambda t: (t * 2 + 1e-3,))
+    assert "own kernel: the compiled kernel's bits differ" in caplog.text and torch.equal(out[0], x * 2)
+    seen = []
+    assert torch.equal(k.call(("other",), "other", x, compiled=lambda t: seen.append(1) or eager(t))[0], x * 2)
+    assert torch.equal(k.call(("other",), "other", x, compiled=lambda t: seen.append(2) or eager(t))[0], x * 2)
+    assert seen == [1, 2] and ("other",) in k.verified  # a verified key runs the function it is given
+    with pytest.raises(TypeError, match="bare: no compiled function given"):
+        VerifiedCompiled(eager, None).call(("k",), "bare", x)
+
+
+def test_a_function_with_its_own_code_computes_the_same():
+    def f(x, scale=2.0, *, shift=1.0):
+        return x * scale + shift
+
+    g = kernels._own_code(f)
+    assert g.__code__ is not f.__code__ and g.__name__ == f.__name__ and g.__doc__ == f.__doc__
+    x = torch.randn(5)
+    assert torch.equal(g(x), f(x)) and torch.equal(g(x, 3.0, shift=-1.0), f(x, 3.0, shift=-1.0))
+
+
+@pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
+def test_each_training_specialization_compiles_copies_of_its_own(monkeypatch):
+    # torch.compile keeps compiled specializations on the code object and checks their
+    # guards in turn on every call: one copy of each stage per spec and shape, so that
+    # a call meets only its own. Each still gives the eager bits.
+    from fp4lib.numerics.rounding import seed_term
+
+    codes = []
+    real = kernels.compile_kernel
+    monkeypatch.setattr(kernels, "compile_kernel", lambda fn, *a, **k: codes.append((fn.__name__, fn.__code__)) or
+                        real(fn, *a, **k))
+    fq = kernels._CompiledFakeQuantize()
+    calls = [((32, 64), "nvfp4", 1, "stochastic", None), ((64, 64), "nvfp4", 1, "stochastic", None),
+             ((32, 64), "nvfp4", 0, "nearest", None), ((32, 64), "mxfp4", 1, "nearest", None),
+             ((32, 128), "nvfp4", 1, "nearest", "4over6")]
+    for shape, scheme, axis, rounding, rule in calls * 2:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(codes)))
+        args = (x, seed_term(5), scheme, axis, rounding, False, rule)
+        got, want = fq(*args), kernels.fake_quantize_fused(*args)
+        assert torch.equal(_bits(got[0]), _bits(want[0])), (shape, scheme, axis, rounding, rule)
+        assert (got[1] is None and want[1] is None) or torch.equal(_bits(got[1]), _bits(want[1]))
+    names = [name for name, _ in codes]
+    assert names.count("_stage_scales") == names.count("_stage_apply") == len(calls) == len(fq.compiled)
+    assert names.count("_across_blocks") == 1
+    assert len({id(code) for _, code in codes}) == len(codes)
+    assert all(code is not getattr(kernels, name).__code__ for name, code in codes)
+    assert not fq.kernel.fallback, fq.kernel.fallback
 
 
 def test_a_cuda_build_of_torch_compiling_for_the_cpu_adds_no_notice_without_a_gpu(monkeypatch, caplog):

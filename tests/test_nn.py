@@ -499,18 +499,14 @@ def test_bf16_operands_of_every_quantized_role_are_exact():
 def test_compiled_backend_that_disagrees_with_fused_falls_back_loudly(caplog):
     # A compiled kernel whose bits differ from the fused path (a miscompile, a stale
     # kernel cache) must not be used: the first call per spec and shape compares them.
-    import functools
-
-    from fp4lib.numerics import compiling, kernels
+    from fp4lib.numerics import kernels
 
     def bad_apply(*args):
         values, scale = kernels._stage_apply(*args)
         return values + 1.0, scale
 
-    wrapper = kernels._CompiledFakeQuantize.__new__(kernels._CompiledFakeQuantize)
-    wrapper.kernel = compiling.VerifiedCompiled(
-        kernels.fake_quantize_fused,
-        functools.partial(kernels.fake_quantize_fused, stages=(kernels._stage_scales, bad_apply)))
+    wrapper = kernels._CompiledFakeQuantize()
+    wrapper._stages = lambda *spec: (kernels._stage_scales, bad_apply)
     x = torch.randn(32, 64)
     seed_t = seed_term(3)
     with caplog.at_level(logging.WARNING, logger="fp4lib.numerics.compiling"):

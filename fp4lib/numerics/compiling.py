@@ -150,7 +150,8 @@ class VerifiedCompiled:
     """A compiled function, trusted per specialization only after a bit-for-bit check.
 
     ``eager``: the eager formulation; ``compiled``: the same under
-    ``torch.compile``. ``call(key, label, *args)``: the first call for each
+    ``torch.compile`` (or ``None`` where every call passes its key's own as
+    ``compiled=``). ``call(key, label, *args)``: the first call for each
     ``key`` runs both and compares every output's bits. If they differ, or
     compiling fails, that key runs eagerly from then on, with a warning naming
     ``label``. ``valid_output``: the index of a boolean output that says whether
@@ -158,23 +159,26 @@ class VerifiedCompiled:
     input returns the eager result and settles nothing.
     """
 
-    def __init__(self, eager: Callable, compiled: Callable, valid_output: Optional[int] = None):
+    def __init__(self, eager: Callable, compiled: Optional[Callable], valid_output: Optional[int] = None):
         self.fn = eager
         self.compiled = compiled
         self.valid_output = valid_output
         self.verified = set()
         self.fallback: Dict[tuple, str] = {}
 
-    def call(self, key: tuple, label: str, *args):
+    def call(self, key: tuple, label: str, *args, compiled: Optional[Callable] = None):
+        compiled = compiled or self.compiled
+        if compiled is None:
+            raise TypeError(f"{label}: no compiled function given")
         if key in self.verified:
-            return self.compiled(*args)
+            return compiled(*args)
         if key in self.fallback:
             return self.fn(*args)
         eager = self.fn(*args)
         if self.valid_output is not None and not bool(eager[self.valid_output]):
             return eager
         try:
-            fast = self.compiled(*args)
+            fast = compiled(*args)
         except Exception as e:  # a compiler error: report it, then run eagerly
             self.fallback[key] = f"compiling failed ({type(e).__name__}: {str(e)[:200]})"
         else:
