@@ -47,6 +47,23 @@ def time_steps(recipe: str, backend: str, warmup: int, steps: int, preset: str =
     return statistics.median(times), result.train_losses[warmup:], result.step_ms[:warmup], wall
 
 
+def _cpu_model() -> str:
+    """The CPU's family, model and stepping numbers (from /proc/cpuinfo): a virtual machine's
+    model name ("AMD EPYC") does not tell one generation from the next."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():
+            break
+    found = [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if fields.get(name)]
+    return ", ".join(found) or "unknown"
+
+
 def _isa_flags() -> str:
     """The CPU's AVX-512 and AMX flags (from /proc/cpuinfo), or "none"."""
     try:
@@ -196,7 +213,7 @@ def main(argv=None) -> int:
         f"steps after {args.warmup} warm-up steps, {args.rounds} interleaved round(s); one step = forward, backward, "
         f"clipping, AdamW; batch {bs} x {m.block_size} tokens, GPT d={m.n_embd}, {m.n_layer} layers). "
         f"'vs bf16' is the median over rounds of the ratio to the bf16 step of the same round.",
-        f"Machine: {machine_line}; ISA flags: {_isa_flags()}; {load}.",
+        f"Machine: {machine_line}; CPU {_cpu_model()}; ISA flags: {_isa_flags()}; {load}.",
         "",
         "| torch threads | recipe | fake-quant backend | ms/step | vs bf16 |",
         "|---|---|---|---|---|",
