@@ -60,7 +60,8 @@ def _cpu_model() -> str:
         fields.setdefault(key.strip(), value.strip())
         if not line.strip():
             break
-    found = [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if fields.get(name)]
+    found = [f"{label} {fields[name]}" for name, label in (("cpu family", "family"), ("model", "model"),
+                                                           ("stepping", "stepping")) if fields.get(name)]
     return ", ".join(found) or "unknown"
 
 

@@ -277,8 +277,9 @@ def test_a_function_with_its_own_code_computes_the_same():
 @pytest.mark.skipif(not compile_works(), reason="torch.compile needs a working C++ compiler")
 def test_each_training_specialization_compiles_copies_of_its_own(monkeypatch):
     # torch.compile keeps compiled specializations on the code object and checks their
-    # guards in turn on every call: one copy of each stage per spec and shape, so that
-    # a call meets only its own. Each still gives the eager bits.
+    # guards in turn on every call: each stage is compiled as copies, one per combination
+    # of what that stage depends on, so that a call meets only its own entry. Each still
+    # gives the eager bits.
     from fp4lib.numerics.rounding import seed_term
 
     codes = []
@@ -288,7 +289,9 @@ def test_each_training_specialization_compiles_copies_of_its_own(monkeypatch):
     fq = kernels._CompiledFakeQuantize()
     calls = [((32, 64), "nvfp4", 1, "stochastic", None), ((64, 64), "nvfp4", 1, "stochastic", None),
              ((32, 64), "nvfp4", 0, "nearest", None), ((32, 64), "mxfp4", 1, "nearest", None),
-             ((32, 128), "nvfp4", 1, "nearest", "4over6")]
+             ((32, 128), "nvfp4", 1, "nearest", "4over6"),
+             ((32, 64), "nvfp4", 1, "nearest", None),  # the first call's block scales, another rounding
+             ((32, 64), "nvfp4", 1, "nearest", "nearest")]  # the same as the call before, its rule named
     for shape, scheme, axis, rounding, rule in calls * 2:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(len(codes)))
         args = (x, seed_term(5), scheme, axis, rounding, False, rule)
@@ -296,11 +299,14 @@ def test_each_training_specialization_compiles_copies_of_its_own(monkeypatch):
         assert torch.equal(_bits(got[0]), _bits(want[0])), (shape, scheme, axis, rounding, rule)
         assert (got[1] is None and want[1] is None) or torch.equal(_bits(got[1]), _bits(want[1]))
     names = [name for name, _ in codes]
-    assert names.count("_stage_scales") == names.count("_stage_apply") == len(calls) == len(fq.compiled)
-    assert names.count("_across_blocks") == 1
+    assert len(fq.compiled) == 7
+    assert (names.count("_stage_scales"), names.count("_stage_apply"), names.count("_across_blocks")) == (5, 6, 1)
     assert len({id(code) for _, code in codes}) == len(codes)
     assert all(code is not getattr(kernels, name).__code__ for name, code in codes)
     assert not fq.kernel.fallback, fq.kernel.fallback
+    entries = getattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list", None)  # torch's own debugging aid
+    if entries is not None:
+        assert [len(entries(code)) for _, code in codes] == [1] * len(codes)
 
 
 def test_a_cuda_build_of_torch_compiling_for_the_cpu_adds_no_notice_without_a_gpu(monkeypatch, caplog):

@@ -151,7 +151,8 @@ class VerifiedCompiled:
 
     ``eager``: the eager formulation; ``compiled``: the same under
     ``torch.compile`` (or ``None`` where every call passes its key's own as
-    ``compiled=``). ``call(key, label, *args)``: the first call for each
+    ``compiled=``: the same function for every call with that key, since a key is
+    verified once). ``call(key, label, *args)``: the first call for each
     ``key`` runs both and compares every output's bits. If they differ, or
     compiling fails, that key runs eagerly from then on, with a warning naming
     ``label``. ``valid_output``: the index of a boolean output that says whether
@@ -167,13 +168,13 @@ class VerifiedCompiled:
         self.fallback: Dict[tuple, str] = {}
 
     def call(self, key: tuple, label: str, *args, compiled: Optional[Callable] = None):
-        compiled = compiled or self.compiled
+        if key in self.fallback:
+            return self.fn(*args)
+        compiled = self.compiled if compiled is None else compiled
         if compiled is None:
             raise TypeError(f"{label}: no compiled function given")
         if key in self.verified:
             return compiled(*args)
-        if key in self.fallback:
-            return self.fn(*args)
         eager = self.fn(*args)
         if self.valid_output is not None and not bool(eager[self.valid_output]):
             return eager

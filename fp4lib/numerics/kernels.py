@@ -521,25 +521,36 @@ class _CompiledFakeQuantize:
 
     Each operand shape is its own static specialisation (a recipe needs a few
     dozen): dynamic shapes compiled no faster here and ran the nvfp4 step about 2x
-    slower. Each specialization compiles copies of the stages of its own
-    (:func:`_own_code`). With one shared set, a training step's guard lookups took 44
-    to 74 microseconds per compiled call on a CPU, passing over the other
-    specializations' entries first; with copies 23 to 35.
+    slower. Each stage is compiled as copies with code objects of their own
+    (:func:`_own_code`), one per combination of the arguments that stage depends on.
+    With one compiled function per stage, a training step's guard lookups took 44 to
+    74 microseconds per compiled call on a CPU, passing over the other
+    specializations' entries first; with the copies 23 to 35.
     """
 
     def __init__(self):
-        self.kernel = VerifiedCompiled(fake_quantize_fused, None)  # each call brings its specialization's
-        self.compiled = {}  # key -> fake_quantize_fused with that specialization's compiled stages
+        self.kernel = VerifiedCompiled(fake_quantize_fused, None)  # each call passes its specialization's own
+        self.compiled = {}  # call key -> fake_quantize_fused with that specialization's compiled stages
+        self.copies = {}  # (stage name, what the stage depends on) -> a compiled copy of the stage
 
-    def _stages(self, shape: tuple, axis: int, tile: bool, scale_rule: str, device: torch.device):
-        scales = compile_kernel(_own_code(_stage_scales), dynamic=False, options=_SCALES_OPTIONS)
-        apply = compile_kernel(_own_code(_stage_apply), dynamic=False, options=_APPLY_OPTIONS)
+    def _copy(self, fn: Callable, key: tuple, options: Optional[dict] = None) -> Callable:
+        found = self.copies.get((fn.__name__, key))
+        if found is None:
+            found = self.copies[(fn.__name__, key)] = compile_kernel(_own_code(fn), dynamic=False, options=options)
+        return found
+
+    def _stages(self, scheme: str, axis: int, rounding: str, tile: bool, scale_rule: Optional[str], group_amax: bool,
+                formula: str, metric: str, shape: tuple, device: torch.device):
+        where = (shape, device.type)
+        scales = self._copy(_stage_scales, (scheme, axis, tile, scale_rule, group_amax, formula, metric) + where,
+                            _SCALES_OPTIONS)
+        apply = self._copy(_stage_apply, (scheme, axis, rounding, tile) + where, _APPLY_OPTIONS)
         # Four-over-six along the last axis on a CPU: its error sums from a transposed copy
         # (see _across_blocks). A GPU keeps the plain block view, the formulation that
         # the GPU check ran.
         if (scale_rule == ScaleRule.FOUR_OVER_SIX and axis == 1 and not tile and device.type == "cpu"
                 and math.prod(shape) % (_GROUP * NVFP4_BLOCK_SIZE) == 0):
-            across = compile_kernel(_own_code(_across_blocks), dynamic=False)
+            across = self._copy(_across_blocks, where)
             return (lambda x, *rest: scales(x, *rest, across(x))), apply
         return scales, apply
 
@@ -551,8 +562,10 @@ class _CompiledFakeQuantize:
         key = (scheme, axis, rounding, tile, scale_rule, tensor_amax is not None, formula, metric, tuple(x.shape),
                x.device.type)
         compiled = self.compiled.get(key)
-        if compiled is None:
-            stages = self._stages(tuple(x.shape), axis, tile, resolve_scale_rule(scheme, scale_rule), x.device)
+        if compiled is None:  # the stages see the resolved rule and options, as fake_quantize_fused passes them
+            stages = self._stages(scheme, axis, rounding, tile, resolve_scale_rule(scheme, scale_rule),
+                                  tensor_amax is not None, *resolve_nvfp4_options(scheme, formula, metric),
+                                  tuple(x.shape), x.device)
             compiled = self.compiled[key] = functools.partial(fake_quantize_fused, stages=stages)
         label = (f"FP4 fake quantization (scheme={scheme}, block axis {axis}, rounding={rounding}, tile={tile}, "
                  f"scale_rule={scale_rule}, formula={formula}, metric={metric}, shape {tuple(x.shape)} on "
