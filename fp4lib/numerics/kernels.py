@@ -509,8 +509,9 @@ def _own_code(fn: Callable) -> Callable:
 
     ``torch.compile`` keeps a function's compiled specializations on its code object
     and, on every call, checks their guards one entry after another until one
-    matches. The training kernel compiles one copy per operand spec and shape, so
-    that each call checks a single entry."""
+    matches. The training kernel compiles a copy of each stage per combination of
+    the arguments that stage depends on (spec and shape), so that each call checks a
+    single entry."""
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     own.__kwdefaults__ = fn.__kwdefaults__
     return functools.update_wrapper(own, fn)
