@@ -47,19 +47,25 @@ def time_steps(recipe: str, backend: str, warmup: int, steps: int, preset: str =
     return statistics.median(times), result.train_losses[warmup:], result.step_ms[:warmup], wall
 
 
-def _cpu_model() -> str:
-    """The CPU's family, model and stepping numbers (from /proc/cpuinfo): a virtual machine's
-    model name ("AMD EPYC") does not tell one generation from the next."""
+def _cpuinfo() -> dict:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return "unknown"
+        return {}
     fields = {}
     for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
         if not line.strip():
             break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpu_model() -> str:
+    """The CPU's family, model and stepping numbers: a virtual machine's model name
+    ("AMD EPYC") does not tell one generation from the next."""
+    fields = _cpuinfo()
     found = [f"{label} {fields[name]}" for name, label in (("cpu family", "family"), ("model", "model"),
                                                            ("stepping", "stepping")) if fields.get(name)]
     return ", ".join(found) or "unknown"
@@ -67,9 +73,8 @@ def _cpu_model() -> str:
 
 def _isa_flags() -> str:
     """The CPU's AVX-512 and AMX flags (from /proc/cpuinfo), or "none"."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = _cpuinfo().get("flags")
+    if flags is None:
         return "unknown"
     wanted = sorted({f for f in flags.split() if f.startswith(("avx512", "amx"))})
     return " ".join(wanted) or "none"
