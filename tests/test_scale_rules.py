@@ -112,14 +112,16 @@ def test_four_over_six_error_sums_add_in_one_fixed_order(layout, rounding):
     from fp4lib.numerics.kernels import _round_magnitude, _round_nearest
     from fp4lib.numerics.scales import _error_sum64, nvfp4_block_scales
 
-    x = order_sensitive((32, 32), 5)
+    # 64 x 64: 16 tiles, enough that some sums tell the orders apart whichever CPU kernels
+    # drew the data (with 4 tiles, ATen's default kernels drew data where only 2 did).
+    x = order_sensitive((64, 64), 5)
     s_enc, s_dec = nvfp4_tensor_scale(x.abs().max(), 256.0)
     if layout == "tile":
-        v, dims = x.view(2, 16, 2, 16), (1, 3)
+        v, dims = x.view(4, 16, 4, 16), (1, 3)
     elif layout == "last axis":
-        v, dims = x.view(32, 2, 16), (2,)
+        v, dims = x.view(64, 4, 16), (2,)
     else:
-        v, dims = x.view(2, 16, 32), (1,)
+        v, dims = x.view(4, 16, 64), (1,)
     amax_b = v.abs().amax(dim=dims, keepdim=True)
     s_dec_b, s_enc_b = nvfp4_block_scales(amax_b, s_enc, s_dec, target=4.0)
     err = ((_round_nearest(v * s_enc_b) * s_dec_b - v * s_enc).double() ** 2).expand(v.shape)
